@@ -1,0 +1,58 @@
+"""Shared fixtures. Tiers: tests/unit (no Ray), tests/ray (one shared local cluster), tests/e2e.
+
+Real data is read from ``$DEALREC_DATA`` (default ``../shared/data`` beside the checkout);
+tests that need it skip with the reason where it is absent.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path:
+    return Path(os.environ.get("DEALREC_DATA", ROOT.parent / "shared" / "data")).resolve()
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    return shared_data_dir()
+
+
+@pytest.fixture(scope="session")
+def games_dir(shared_data) -> Path:
+    d = shared_data / "games"
+    if not (d / "sequential_train.txt").exists():
+        pytest.skip(f"real Games data not found at {d} (set DEALREC_DATA to the folder holding games/)")
+    return d
+
+
+@pytest.fixture(scope="session")
+def movielens_dir(shared_data) -> Path:
+    d = shared_data / "movielens-100k"
+    if not (d / "ml-100k.inter").exists():
+        pytest.skip(f"MovieLens-100K not found at {d} (set DEALREC_DATA to the folder holding movielens-100k/)")
+    return d
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray instance shared by every Ray test of the session (2 logical CPUs)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "DS_ACCELERATOR": "cpu"}})
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    yield ray
+    ray.shutdown()
