@@ -1,0 +1,210 @@
+"""Resumable, exactly-once scoring of a sharded samples table with a Ray Data actor pool.
+
+One input Parquet file = one shard. For every shard without a finished output, the
+samples are streamed through ``map_batches(ScorerClass, compute=ActorPoolStrategy(...))``;
+the driver only collects the (small) score columns, and writes a shard's output the
+moment all of its rows have come back (``<out>/<input-stem>.parquet``, written to a
+temporary name and renamed, so a file that exists is complete). A rerun skips every
+shard whose output exists; a driver killed mid-run loses only the shards in flight.
+
+Every output shard is checked before it is written: its ``sample_id`` set must equal the
+input file's (no row lost, none scored twice). Rows that an actor restart re-delivered
+are dropped by ``sample_id`` (same deterministic score) and counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+
+from engine.errors import DealrecError
+
+log = logging.getLogger("dealrec.shards")
+
+PATH_COLUMN = "path"
+
+
+@dataclass
+class ShardRunStats:
+    shards_total: int
+    shards_skipped: int
+    shards_written: int
+    rows_written: int
+    duplicate_rows_dropped: int
+    wall_s: float
+
+
+class _PathCarrier:
+    """Wraps a scorer so that each output row keeps the input file it came from.
+
+    The inner scorer may reorder rows (e.g. bucketing by length); rows are matched
+    back to their file by ``sample_id``.
+    """
+
+    def __init__(self, scorer_cls: type, args: tuple, kwargs: dict):
+        self.inner = scorer_cls(*args, **kwargs)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        paths = batch.pop(PATH_COLUMN)
+        ids_in = np.asarray(batch["sample_id"], dtype=np.int64)
+        out = self.inner(batch)
+        ids_out = np.asarray(out["sample_id"], dtype=np.int64)
+        order = np.argsort(ids_in, kind="stable")
+        pos = np.searchsorted(ids_in, ids_out, sorter=order)
+        out = dict(out)
+        out[PATH_COLUMN] = np.asarray(paths)[order[pos]]
+        return out
+
+
+def shard_output_path(out_dir: Path, input_file: str | os.PathLike) -> Path:
+    return Path(out_dir) / (Path(input_file).stem + ".parquet")
+
+
+def finished_shards(files: Sequence[str | os.PathLike], out_dir: str | os.PathLike) -> list[Path]:
+    return [shard_output_path(Path(out_dir), f) for f in files if shard_output_path(Path(out_dir), f).exists()]
+
+
+def _input_ids(path: str) -> np.ndarray:
+    return pq.read_table(path, columns=["sample_id"]).column("sample_id").to_numpy()
+
+
+def _write_shard(out_path: Path, rows: list[dict[str, np.ndarray]], expected_ids: np.ndarray, columns: Sequence[str]) -> tuple[int, int]:
+    cols = {c: np.concatenate([r[c] for r in rows]) for c in columns}
+    ids = cols["sample_id"].astype(np.int64)
+    uniq, first = np.unique(ids, return_index=True)
+    dropped = len(ids) - len(uniq)
+    if not np.array_equal(uniq, np.sort(expected_ids)):
+        missing = np.setdiff1d(expected_ids, uniq)
+        extra = np.setdiff1d(uniq, expected_ids)
+        raise DealrecError(
+            f"shard {out_path.name}: scored sample_ids do not match the input "
+            f"(missing {missing[:5].tolist()}..., unexpected {extra[:5].tolist()}...)"
+        )
+    table = pa.table({c: cols[c][first] for c in columns})
+    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
+    pq.write_table(table, tmp)
+    os.replace(tmp, out_path)
+    return len(uniq), dropped
+
+
+def score_shards(
+    files: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    scorer_cls: type,
+    *,
+    constructor_args: tuple = (),
+    constructor_kwargs: dict[str, Any] | None = None,
+    input_columns: Sequence[str] = ("sample_id", "history", "target"),
+    output_columns: Sequence[str],
+    batch_size: int = 256,
+    num_actors: int = 1,
+    num_cpus: float = 1.0,
+    num_gpus: float = 0.0,
+    max_restarts: int = 3,
+    max_task_retries: int = 3,
+    progress: Callable[[str], None] = print,
+    name: str = "scores",
+) -> ShardRunStats:
+    """Score every input shard that has no finished output; return what was done.
+
+    Args:
+        files: the input Parquet files (one shard each), holding ``input_columns``.
+        out_dir: where ``<stem>.parquet`` outputs go; existing ones are skipped.
+        scorer_cls: a Ray Data callable class; ``__call__(batch) -> dict`` returning
+            ``output_columns`` (``sample_id`` among them), rows in any order.
+        constructor_args / constructor_kwargs: passed to ``scorer_cls`` once per actor
+            (ObjectRefs inside are resolved by the scorer).
+        num_actors, num_cpus, num_gpus: the pool size and each actor's resources. On a
+            machine with few CPUs, keep ``num_actors * num_cpus`` below the total so that
+            read tasks still get a CPU (STACK.md: a starved pool hangs silently).
+        max_restarts, max_task_retries: actor fault tolerance (a node lost mid-run).
+
+    Raises:
+        DealrecError: a shard's scored ids differ from its input ids.
+    """
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = [str(Path(f).resolve()) for f in files]
+    if "sample_id" not in output_columns:
+        raise ValueError("output_columns must include 'sample_id'")
+    todo = [f for f in files if not shard_output_path(out, f).exists()]
+    skipped = len(files) - len(todo)
+    if not todo:
+        progress(f"[{name}] all {len(files)} shards already done; skipping")
+        return ShardRunStats(len(files), skipped, 0, 0, 0, time.perf_counter() - t0)
+    expected = {f: _input_ids(f) for f in todo}
+    total_rows = sum(len(v) for v in expected.values())
+    progress(f"[{name}] scoring {len(todo)} shards ({total_rows} samples), {skipped} already done; "
+             f"{num_actors} actor(s) x {num_cpus} CPU / {num_gpus} GPU, batch {batch_size}, "
+             f"max_restarts={max_restarts}, max_task_retries={max_task_retries}")
+
+    ds = ray.data.read_parquet(todo, include_paths=True).select_columns([*input_columns, PATH_COLUMN])
+    ds = ds.map_batches(
+        _PathCarrier,
+        fn_constructor_args=(scorer_cls, tuple(constructor_args), dict(constructor_kwargs or {})),
+        compute=ray.data.ActorPoolStrategy(size=num_actors),
+        batch_size=batch_size,
+        batch_format="numpy",
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        max_restarts=max_restarts,
+        max_task_retries=max_task_retries,
+    )
+    pending: dict[str, list[dict[str, np.ndarray]]] = {f: [] for f in todo}
+    got: dict[str, set] = {f: set() for f in todo}
+    written = rows_written = dropped = 0
+    done_rows = 0
+    last = time.perf_counter()
+    # Paths that Ray Data reports may differ in form (e.g. no leading '/'); normalise.
+    norm = {os.path.normpath(f).lstrip("/"): f for f in todo}
+    for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+        paths = batch[PATH_COLUMN]
+        for p in np.unique(paths):
+            key = norm.get(os.path.normpath(str(p)).lstrip("/"))
+            if key is None:
+                raise DealrecError(f"[{name}] row from unexpected input path {p!r}")
+            m = paths == p
+            rows = {c: np.asarray(batch[c])[m] for c in output_columns}
+            pending[key].append(rows)
+            before = len(got[key])
+            got[key].update(rows["sample_id"].tolist())
+            done_rows += len(got[key]) - before
+            if len(got[key]) == len(expected[key]):
+                n, d = _write_shard(shard_output_path(out, key), pending.pop(key), expected[key], output_columns)
+                got[key] = set()
+                written += 1
+                rows_written += n
+                dropped += d
+        now = time.perf_counter()
+        if now - last > 10:
+            rate = done_rows / (now - t0)
+            progress(f"[{name}] {done_rows}/{total_rows} samples, {written}/{len(todo)} shards, {rate:.0f} samples/s")
+            last = now
+    if written != len(todo):
+        incomplete = [Path(f).name for f in pending]
+        raise DealrecError(f"[{name}] stream ended with incomplete shards: {incomplete[:5]}")
+    wall = time.perf_counter() - t0
+    progress(f"[{name}] done: {rows_written} samples in {written} shards, {wall:.1f}s"
+             + (f", {dropped} re-delivered rows dropped" if dropped else ""))
+    return ShardRunStats(len(files), skipped, written, rows_written, dropped, wall)
+
+
+def read_shards(files: Sequence[str | os.PathLike], out_dir: str | os.PathLike) -> pa.Table:
+    """Concatenate the finished outputs of ``files`` (all must exist), sorted by sample_id."""
+    paths = [shard_output_path(Path(out_dir), f) for f in files]
+    missing = [p.name for p in paths if not p.exists()]
+    if missing:
+        raise DealrecError(f"missing score shards in {out_dir}: {missing[:5]}")
+    t = pa.concat_tables([pq.read_table(p) for p in paths])
+    return t.sort_by("sample_id")

@@ -1,0 +1,70 @@
+"""Helpers shared by the stage configs: dict round-trips, stable hashes, validation of several
+configs at once (every problem reported in one error), and a version stamp for manifests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import platform
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from engine.errors import ConfigError
+
+
+def to_dict(cfg: Any) -> dict:
+    """A JSON-able dict of a (possibly nested) config dataclass."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, (list, tuple)):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {str(k): to_dict(v) for k, v in cfg.items()}
+    return cfg
+
+
+def stable_hash(obj: Any) -> str:
+    """Order-independent short hash of a JSON-able object (or a config dataclass)."""
+    blob = json.dumps(to_dict(obj), sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def collect_problems(builders: Iterable[tuple[str, Callable[[], Any]]]) -> tuple[dict[str, Any], list[str]]:
+    """Build several configs, collecting every ConfigError instead of stopping at the first.
+
+    Args:
+        builders: (name, zero-argument constructor) pairs.
+
+    Returns:
+        The configs that were built (by name) and the list of all problems, each
+        prefixed with its config's name.
+    """
+    built: dict[str, Any] = {}
+    problems: list[str] = []
+    for name, make in builders:
+        try:
+            built[name] = make()
+        except ConfigError as e:
+            problems.extend(f"{name}: {p}" for p in e.problems)
+        except (TypeError, ValueError) as e:
+            problems.append(f"{name}: {e}")
+    return built, problems
+
+
+def raise_if(problems: list[str], *, config: str) -> None:
+    if problems:
+        raise ConfigError(problems, config=config)
+
+
+def versions() -> dict[str, str]:
+    """Versions of the stack, for manifests."""
+    out = {"python": platform.python_version()}
+    for mod in ("engine", "torch", "ray", "transformers", "peft", "deepspeed", "pyarrow", "numpy"):
+        try:
+            m = __import__(mod)
+            out["dealrec" if mod == "engine" else mod] = getattr(m, "__version__", "?")
+        except Exception:  # noqa: BLE001 - a missing optional package is reported, not fatal
+            out[mod] = "not installed"
+    return out
