@@ -1,0 +1,450 @@
+"""Prune a recommender's training data with DEALRec (or a baseline) on Ray, end to end.
+
+Reads a prepared data folder (``dealrec prepare``), trains the surrogate on the driver,
+solves the one inverse-HVP v = (H + dI)^-1 g_bar on the driver, broadcasts it with
+``ray.put``, streams influence (and the GraNd / EL2N baselines) through a Ray Data actor
+pool holding the surrogate, streams effort through an actor pool holding LoRA LLM
+replicas, combines, selects, and writes::
+
+    OUT/scores.parquet    sample_id, influence, effort, grand, el2n, score, group
+    OUT/selected.parquet  sample_id
+    OUT/fewshot.json      BIGRec Alpaca records of the selected samples
+    OUT/manifest.json     full config, versions, per-stage wall times and counts
+    OUT/report/           PNGs + index.html
+
+Rerunning with the same config skips finished stages and score shards; a changed config
+is refused unless ``--overwrite`` (then only the changed stages and those after them rerun).
+
+Commands:
+    # on a cluster (or a local `ray start --head`):
+    ray job submit --working-dir . -- python jobs/prune.py --data /data/games --out /runs/games
+    # tiny local variant (starts an in-process Ray):
+    dealrec prepare --format synthetic --out /tmp/demo-data
+    dealrec prune --data /tmp/demo-data --out /tmp/demo-run --budget 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python jobs/prune.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from engine.config import collect_problems, raise_if, stable_hash, to_dict, versions
+from engine.data.schema import read_items, read_meta, read_samples, read_split, sample_files
+from engine.errors import ConfigError, DataError, check
+from engine.llm import LLMConfig
+from engine.prompts import get_prompt_config, make_record, PROMPTS
+from engine.rundir import RunDir, atomic_write_bytes
+from engine.selection import METHODS, SelectionConfig, select
+from engine.surrogate import SurrogateConfig
+from engine.influence import InfluenceConfig
+
+# Which score columns each selection method needs.
+NEEDS_SURROGATE = {"dealrec", "grand", "el2n", "ccs", "influence-only", "greedy"}
+NEEDS_EFFORT = {"dealrec", "effort-only", "greedy"}
+
+STAGE_OUTPUTS = {
+    "surrogate": ["surrogate"],
+    "ihvp": ["ihvp"],
+    "surrogate_scores": ["shards/surrogate"],
+    "effort": ["shards/effort"],
+    "select": ["scores.parquet", "selected.parquet", "fewshot.json"],
+    "report": ["report"],
+}
+
+
+@dataclass
+class ScaleConfig:
+    """How the scoring stages are spread over the cluster."""
+
+    influence_actors: int = field(default=0, metadata={"help": "surrogate actor pool size (0 = auto: CPUs - 1)"})
+    influence_cpus: float = field(default=1.0, metadata={"help": "CPUs per surrogate actor"})
+    influence_batch_size: int = field(default=256, metadata={"help": "samples per surrogate batch"})
+    effort_actors: int = field(default=0, metadata={"help": "LLM actor pool size (0 = auto: one per GPU, else CPUs - 1)"})
+    effort_cpus: float = field(default=1.0, metadata={"help": "CPUs per LLM actor"})
+    effort_gpus: float = field(default=-1.0, metadata={"help": "GPUs per LLM actor (-1 = 1 where the cluster has GPUs)"})
+    effort_batch_size: int = field(default=64, metadata={"help": "samples per Ray Data batch sent to an LLM actor"})
+    effort_micro_batch: int = field(default=16, metadata={"help": "samples per forward/backward inside an actor"})
+    max_restarts: int = field(default=3, metadata={"help": "actor restarts allowed (node loss)"})
+    max_task_retries: int = field(default=3, metadata={"help": "task retries allowed (node loss)"})
+
+    def __post_init__(self) -> None:
+        p: list[str] = []
+        for name in ("influence_actors", "effort_actors", "max_restarts", "max_task_retries"):
+            check(p, int(getattr(self, name)) >= 0, f"{name} must be >= 0, got {getattr(self, name)!r}")
+        for name in ("influence_batch_size", "effort_batch_size", "effort_micro_batch"):
+            check(p, int(getattr(self, name)) >= 1, f"{name} must be >= 1, got {getattr(self, name)!r}")
+        for name in ("influence_cpus", "effort_cpus"):
+            check(p, float(getattr(self, name)) > 0, f"{name} must be > 0, got {getattr(self, name)!r}")
+        raise_if(p, config="ScaleConfig")
+
+
+@dataclass
+class PruneJobConfig:
+    """The whole prune job: one config per stage plus where to read and write."""
+
+    data: str
+    out: str
+    selection: SelectionConfig
+    surrogate: SurrogateConfig
+    influence: InfluenceConfig
+    llm: LLMConfig
+    prompt: dict
+    scale: ScaleConfig
+    overwrite: bool = False
+
+    @property
+    def method(self) -> str:
+        return self.selection.method
+
+
+def add_arguments(p: argparse.ArgumentParser, *, defaults: dict | None = None) -> None:
+    d = {"lam": 0.3, "groups": 50, "budget": None, "ratio": None, "prompt": "games", **(defaults or {})}
+    g = p.add_argument_group("data")
+    g.add_argument("--data", required=True, help="prepared data folder (dealrec prepare)")
+    g.add_argument("--out", required=True, help="run folder (created; resumable)")
+    g.add_argument("--overwrite", action="store_true", help="recompute stages whose config changed")
+    g = p.add_argument_group("selection")
+    b = g.add_mutually_exclusive_group()
+    b.add_argument("--budget", type=int, default=d["budget"], help="number of samples to select")
+    b.add_argument("--ratio", type=float, default=d["ratio"], help="fraction of samples to select, in (0, 1]")
+    g.add_argument("--lam", type=float, default=d["lam"], help="weight of the effort score (lambda)")
+    g.add_argument("--groups", type=int, default=d["groups"], help="K, score strata of Algorithm 2")
+    g.add_argument("--hard-prune", type=float, default=0.1, help="fraction of top scores dropped first (0 disables)")
+    g.add_argument("--method", default="dealrec", help=f"selector: {', '.join(METHODS)}")
+    g.add_argument("--seed", type=int, default=0, help="seed of every random choice")
+    g = p.add_argument_group("surrogate + influence")
+    g.add_argument("--surrogate", default="sasrec", help="surrogate model: sasrec | bert4rec")
+    g.add_argument("--surrogate-epochs", type=int, default=None, help="max surrogate training epochs")
+    g.add_argument("--solver", default="cg", help="inverse-HVP solver: cg | lissa | exact")
+    g.add_argument("--damping", type=float, default=None, help="damping d of (H + dI)^-1 (an L2 term of the objective)")
+    g = p.add_argument_group("LLM (effort)")
+    g.add_argument("--llm", default="tiny", help="'tiny' (offline, built from a config) or a local HF causal-LM folder")
+    g.add_argument("--adapter", default=None, help="a peft LoRA adapter folder to start from")
+    g.add_argument("--llm-cache", default=os.environ.get("DEALREC_CACHE", ".cache/dealrec"),
+                   help="where tiny LLM bases are built and cached (env DEALREC_CACHE)")
+    g.add_argument("--prompt", default=d["prompt"], help=f"prompt preset: {', '.join(sorted(PROMPTS))}")
+    g.add_argument("--cutoff-len", type=int, default=512, help="max tokens per prompt")
+    g = p.add_argument_group("scale")
+    for f in ScaleConfig.__dataclass_fields__.values():
+        g.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default, help=f.metadata["help"])
+
+
+def config_from_args(args: argparse.Namespace) -> PruneJobConfig:
+    """Build and validate every stage config; raise one ConfigError listing all problems."""
+    budget, ratio = args.budget, args.ratio
+    if budget is None and ratio is None:
+        budget = 1024
+    sur_kw = {"model": args.surrogate, "seed": args.seed}
+    if args.surrogate_epochs is not None:
+        sur_kw["epochs"] = args.surrogate_epochs
+    inf_kw = {"solver": args.solver}
+    if args.damping is not None:
+        inf_kw["damping"] = args.damping
+    llm_kw = {"model": args.llm, "adapter": args.adapter, "seed": args.seed,
+              "cache_dir": str(Path(args.llm_cache).resolve())}
+    builders = [
+        ("selection", lambda: _validated(SelectionConfig(method=args.method, budget=budget, ratio=ratio, lam=args.lam,
+                                                         groups=args.groups, hard_prune=args.hard_prune, seed=args.seed))),
+        ("surrogate", lambda: SurrogateConfig(**sur_kw)),
+        ("influence", lambda: InfluenceConfig(**inf_kw)),
+        ("llm", lambda: LLMConfig(**llm_kw)),
+        ("prompt", lambda: get_prompt_config(args.prompt, cutoff_len=args.cutoff_len).to_dict()),
+        ("scale", lambda: ScaleConfig(**{k: getattr(args, k) for k in ScaleConfig.__dataclass_fields__})),
+    ]
+    built, problems = collect_problems(builders)
+    if not Path(args.data).exists():
+        problems.append(
+            f"data: folder {args.data!r} does not exist. Prepare one first, e.g. "
+            "`dealrec prepare --format dealrec-release --input ../shared/data/games --out DIR` (real Games), "
+            "`dealrec prepare --format recbole --input ../shared/data/movielens-100k --out DIR`, or "
+            "`dealrec prepare --format synthetic --out DIR` (embedded demo set)"
+        )
+    raise_if(problems, config="prune job")
+    return PruneJobConfig(data=str(Path(args.data).resolve()), out=str(Path(args.out).resolve()),
+                          overwrite=args.overwrite, **built)
+
+
+def _validated(cfg: SelectionConfig) -> SelectionConfig:
+    cfg.validate()
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------
+def _data_fingerprint(data: Path) -> str:
+    files = sample_files(data)
+    return stable_hash({"meta": read_meta(data), "files": [(f.name, f.stat().st_size) for f in files]})
+
+
+def stage_hashes(cfg: PruneJobConfig, fingerprint: str) -> dict[str, str]:
+    """Per-stage config hashes; each includes the hashes of the stages it reads from."""
+    h: dict[str, str] = {}
+    h["surrogate"] = stable_hash({"data": fingerprint, "surrogate": cfg.surrogate})
+    h["ihvp"] = stable_hash({"up": h["surrogate"], "influence": cfg.influence})
+    h["surrogate_scores"] = stable_hash({"up": h["ihvp"]})
+    h["effort"] = stable_hash({"data": fingerprint, "llm": cfg.llm, "prompt": cfg.prompt})
+    h["select"] = stable_hash({"up": [h["surrogate_scores"], h["effort"]], "selection": cfg.selection})
+    h["report"] = stable_hash({"up": h["select"]})
+    return h
+
+
+def _init_ray():
+    import ray
+
+    if not ray.is_initialized():
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        ray.init(ignore_reinit_error=True, log_to_driver=True)
+        ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
+    return ray
+
+
+def _auto_actors(ray, requested: int, cpus_per_actor: float) -> int:
+    if requested:
+        return requested
+    total = ray.cluster_resources().get("CPU", 1.0)
+    # Leave one CPU for the read tasks: a pool that takes every CPU starves them (STACK.md).
+    return max(1, int((total - 1) // cpus_per_actor))
+
+
+def run_prune(cfg: PruneJobConfig, *, log=print) -> dict:
+    """Run (or resume) the prune job. Returns the manifest."""
+    from engine import surrogate as sur
+    from engine import influence as inf
+
+    t_job = time.perf_counter()
+    data, out = Path(cfg.data), Path(cfg.out)
+    files = sample_files(data)
+    meta = read_meta(data)
+    run = RunDir(out, STAGE_OUTPUTS)
+    hashes = stage_hashes(cfg, _data_fingerprint(data))
+    done = run.check(hashes, overwrite=cfg.overwrite)
+    run.set(job="prune", config=to_dict(cfg), versions=versions(), data_meta=meta.get("counts", {}))
+    if done:
+        log(f"[prune] resuming {out}: stages already done: {done}")
+    method = cfg.method
+    need_sur = method in NEEDS_SURROGATE
+    need_eff = method in NEEDS_EFFORT
+    ray = _init_ray()
+    items = read_items(data)
+    n_items = items.num_rows
+
+    # 1. surrogate, on the driver ------------------------------------------------------
+    if need_sur and not run.done("surrogate"):
+        t0 = time.perf_counter()
+        samples = read_samples(data)
+        valid = read_split(data, "valid")
+        log(f"[surrogate] training {cfg.surrogate.model} on {samples.num_rows} samples, {n_items} items")
+        model, history = sur.train_surrogate(samples, n_items, cfg.surrogate, valid=valid, log=log)
+        run.path("surrogate").mkdir(exist_ok=True)
+        sur.save_surrogate(model, cfg.surrogate, run.path("surrogate"))
+        del samples
+        run.finish("surrogate", time.perf_counter() - t0, history=history)
+
+    # 2. v = (H + dI)^-1 g_bar, once, on the driver --------------------------------------
+    if need_sur and not run.done("ihvp"):
+        t0 = time.perf_counter()
+        model = sur.load_surrogate(run.path("surrogate"))
+        samples = read_samples(data)
+        report = inf.compute_ihvp_for_samples(model, samples, cfg.influence, log=log)
+        run.path("ihvp").mkdir(exist_ok=True)
+        atomic_write_bytes(run.path("ihvp") / "v.npy", _npy_bytes(report.pop("v")))
+        del samples
+        run.finish("ihvp", time.perf_counter() - t0, **report)
+
+    # 3. influence + GraNd + EL2N for every sample, streamed by an actor pool ----------
+    if need_sur and not run.done("surrogate_scores"):
+        from actors.influence import SurrogateScorer
+
+        t0 = time.perf_counter()
+        state_ref = ray.put(sur.surrogate_payload(run.path("surrogate")))
+        v_ref = ray.put(np.load(run.path("ihvp") / "v.npy"))
+        n = int(meta["counts"]["samples"])
+        st = score_shards_stage(
+            ray, files, run.path("shards/surrogate"), SurrogateScorer,
+            constructor_args=(state_ref, v_ref),
+            constructor_kwargs={"n_train": n, "batch_size": cfg.scale.influence_batch_size},
+            output_columns=("sample_id", "influence", "grand", "el2n"),
+            batch_size=cfg.scale.influence_batch_size,
+            num_actors=_auto_actors(ray, cfg.scale.influence_actors, cfg.scale.influence_cpus),
+            num_cpus=cfg.scale.influence_cpus, num_gpus=0.0, cfg=cfg, log=log, name="influence",
+        )
+        run.finish("surrogate_scores", time.perf_counter() - t0, **st)
+
+    # 4. effort for every sample, streamed by LoRA LLM replicas -------------------------
+    if need_eff and not run.done("effort"):
+        from actors.effort import EffortScorer
+
+        t0 = time.perf_counter()
+        titles = items.column("title").to_pylist()
+        gpus = ray.cluster_resources().get("GPU", 0.0)
+        num_gpus = (1.0 if gpus >= 1 else 0.0) if cfg.scale.effort_gpus < 0 else cfg.scale.effort_gpus
+        actors = cfg.scale.effort_actors or (int(gpus // num_gpus) if num_gpus else
+                                             _auto_actors(ray, 0, cfg.scale.effort_cpus))
+        llm_cfg = replace(cfg.llm, lora_dropout=cfg.llm.lora_dropout)
+        # Build the tiny base once on the driver so actors only load it.
+        from engine.llm import resolve_base
+
+        base = resolve_base(llm_cfg, titles)
+        llm_dict = {**to_dict(llm_cfg), "model": base} if llm_cfg.model == "tiny" else to_dict(llm_cfg)
+        st = score_shards_stage(
+            ray, files, run.path("shards/effort"), EffortScorer,
+            constructor_args=(llm_dict, cfg.prompt, ray.put(titles)),
+            constructor_kwargs={"micro_batch_size": cfg.scale.effort_micro_batch},
+            output_columns=("sample_id", "effort"),
+            batch_size=cfg.scale.effort_batch_size, num_actors=max(1, actors),
+            num_cpus=cfg.scale.effort_cpus, num_gpus=num_gpus, cfg=cfg, log=log, name="effort",
+        )
+        run.finish("effort", time.perf_counter() - t0, llm_base=base, **st)
+
+    # 5. combine + select + outputs ------------------------------------------------------
+    if not run.done("select"):
+        t0 = time.perf_counter()
+        stats = select_and_write(cfg, run, files, items, log=log)
+        run.finish("select", time.perf_counter() - t0, **stats)
+
+    # 6. report ----------------------------------------------------------------------------
+    if not run.done("report"):
+        t0 = time.perf_counter()
+        index = write_run_report(cfg, run, items)
+        run.finish("report", time.perf_counter() - t0, index=str(index))
+    run.set(total_wall_s_last_invocation=round(time.perf_counter() - t_job, 3),
+            stage_wall_s={s: run.manifest["stages"][s].get("wall_s") for s in STAGE_OUTPUTS
+                          if run.manifest["stages"].get(s, {}).get("done")})
+    log(f"[prune] done in {time.perf_counter() - t_job:.1f}s: {out}/selected.parquet, report {out}/report/index.html")
+    return run.manifest
+
+
+def score_shards_stage(ray, files, out_dir, scorer, *, constructor_args, constructor_kwargs, output_columns,
+                       batch_size, num_actors, num_cpus, num_gpus, cfg, log, name) -> dict:
+    from actors.shards import score_shards
+
+    st = score_shards(files, out_dir, scorer, constructor_args=constructor_args,
+                      constructor_kwargs=constructor_kwargs, output_columns=output_columns,
+                      batch_size=batch_size, num_actors=num_actors, num_cpus=num_cpus, num_gpus=num_gpus,
+                      max_restarts=cfg.scale.max_restarts, max_task_retries=cfg.scale.max_task_retries,
+                      progress=log, name=name)
+    return {"shards_total": st.shards_total, "shards_skipped": st.shards_skipped,
+            "shards_written": st.shards_written, "rows_written": st.rows_written,
+            "duplicate_rows_dropped": st.duplicate_rows_dropped, "actors": num_actors,
+            "cpus_per_actor": num_cpus, "gpus_per_actor": num_gpus,
+            "max_restarts": cfg.scale.max_restarts, "max_task_retries": cfg.scale.max_task_retries}
+
+
+def _npy_bytes(a) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(a), allow_pickle=False)
+    return buf.getvalue()
+
+
+def load_scores(run: RunDir, files, n: int) -> dict[str, np.ndarray]:
+    """The score columns computed so far, as arrays indexed by sample_id."""
+    from actors.shards import read_shards
+
+    scores: dict[str, np.ndarray] = {}
+    for stage, cols in (("surrogate_scores", ("influence", "grand", "el2n")), ("effort", ("effort",))):
+        d = run.path(STAGE_OUTPUTS[stage][0])
+        if not run.done(stage):
+            continue
+        t = read_shards(files, d)
+        ids = t.column("sample_id").to_numpy()
+        if not np.array_equal(ids, np.arange(n)):
+            raise DataError("score shards do not cover sample_ids 0..n-1 exactly once", path=d, field="sample_id")
+        for c in cols:
+            scores[c] = t.column(c).to_numpy().astype(np.float64)
+    return scores
+
+
+def select_and_write(cfg: PruneJobConfig, run: RunDir, files, items: pa.Table, *, log=print) -> dict:
+    n = int(sum(pq.read_metadata(f).num_rows for f in files))
+    scores = load_scores(run, files, n)
+    res = select(cfg.method, scores, cfg.selection, n=n)
+    table = {"sample_id": np.arange(n, dtype=np.int64)}
+    table.update({k: v for k, v in scores.items()})
+    table["score"] = res.score if res.score is not None else np.full(n, np.nan)
+    table["group"] = res.groups.astype(np.int32)
+    pq.write_table(pa.table(table), _tmp(run.path("scores.parquet")))
+    os.replace(_tmp(run.path("scores.parquet")), run.path("scores.parquet"))
+    pq.write_table(pa.table({"sample_id": res.indices.astype(np.int64)}), _tmp(run.path("selected.parquet")))
+    os.replace(_tmp(run.path("selected.parquet")), run.path("selected.parquet"))
+    # BIGRec few-shot records of the selected samples.
+    titles = items.column("title").to_pylist()
+    prompt = get_prompt_config(cfg.prompt)
+    sel = set(res.indices.tolist())
+    records = []
+    for f in files:
+        t = pq.read_table(f, columns=["sample_id", "history", "target"])
+        ids = t.column("sample_id").to_numpy()
+        keep = np.flatnonzero(np.isin(ids, res.indices))
+        if not len(keep):
+            continue
+        t = t.take(pa.array(keep))
+        for sid, hist, tgt in zip(t.column("sample_id").to_pylist(), t.column("history").to_pylist(),
+                                  t.column("target").to_pylist()):
+            rec = make_record([titles[i] for i in hist], titles[tgt], prompt)
+            rec["sample_id"] = sid
+            records.append(rec)
+    records.sort(key=lambda r: r["sample_id"])
+    assert len(records) == len(sel)
+    atomic_write_bytes(run.path("fewshot.json"), json.dumps(records, indent=1, ensure_ascii=False).encode())
+    stats = {"n_samples": n, "n_selected": int(len(res.indices)), "method": cfg.method,
+             "strata": res.stats.to_dict() if res.stats is not None else None}
+    log(f"[select] {cfg.method}: {len(res.indices)} of {n} samples selected")
+    return stats
+
+
+def _tmp(p: Path) -> Path:
+    return p.with_name(f".{p.name}.tmp-{os.getpid()}")
+
+
+def write_run_report(cfg: PruneJobConfig, run: RunDir, items: pa.Table) -> Path:
+    from engine.report import write_report
+
+    scores = pq.read_table(run.path("scores.parquet")).to_pandas()
+    selected = pq.read_table(run.path("selected.parquet")).column("sample_id").to_numpy()
+    files = sample_files(cfg.data)
+    targets = np.concatenate([pq.read_table(f, columns=["sample_id", "target"]).sort_by("sample_id")
+                              .column("target").to_numpy() for f in files])
+    ids = np.concatenate([pq.read_table(f, columns=["sample_id"]).sort_by("sample_id")
+                          .column("sample_id").to_numpy() for f in files])
+    targets = targets[np.argsort(ids)]
+    pop = np.bincount(targets, minlength=items.num_rows)
+    stats = run.manifest["stages"]["select"].get("strata")
+    return write_report(run.root, scores=scores, selected=selected, stats=stats, item_popularity_full=pop,
+                        targets=targets, title=f"dealrec prune: {cfg.method} on {Path(cfg.data).name}",
+                        config=to_dict(cfg))
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    run_prune(cfg)
+    return 0
+
+
+def main(argv: list[str] | None = None, *, defaults: dict | None = None, description: str | None = None) -> int:
+    from engine.errors import DealrecError
+
+    p = argparse.ArgumentParser(description=description or __doc__.splitlines()[0])
+    add_arguments(p, defaults=defaults)
+    args = p.parse_args(argv)
+    try:
+        return run(args)
+    except DealrecError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
