@@ -24,24 +24,33 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dealrec", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_text) in SUBCOMMANDS.items():
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name == module:
-                continue  # job not built in this checkout
-            raise
-        p = sub.add_parser(name, help=help_text, description=(mod.__doc__ or help_text).strip().splitlines()[0])
-        mod.add_arguments(p)
-        p.set_defaults(_run=mod.run)
+        sub.add_parser(name, help=help_text, add_help=False)
     return parser
 
 
+def _job_parser(name: str) -> tuple[argparse.ArgumentParser, object]:
+    """The parser of one subcommand; only that job's module is imported (a broken or
+    heavy job never breaks another subcommand)."""
+    module, help_text = SUBCOMMANDS[name]
+    mod = importlib.import_module(module)
+    p = argparse.ArgumentParser(prog=f"dealrec {name}", description=(mod.__doc__ or help_text).strip().splitlines()[0])
+    mod.add_arguments(p)
+    return p, mod
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    top = build_parser()
+    if not argv or argv[0] not in SUBCOMMANDS:
+        top.parse_args(argv)  # prints usage / the error and exits
+        return 2
+    name = argv[0]
+    parser, mod = _job_parser(name)
+    args = parser.parse_args(argv[1:])
     try:
-        return int(args._run(args) or 0)
+        return int(mod.run(args) or 0)
     except DealrecError as e:
-        print(f"dealrec {args.command}: error: {e}", file=sys.stderr)
+        print(f"dealrec {name}: error: {e}", file=sys.stderr)
         return 2
 
 

@@ -1,0 +1,327 @@
+"""Canonical Parquet layout of a prepared data set, with Arrow schemas checked on read.
+
+A prepared folder holds::
+
+    samples/part-00000.parquet ...  sample_id int64 (dense 0..n-1), user_id string,
+                                    history list<int32> (oldest first), target int32
+    items.parquet                   item_id int32, title string, category string (nullable)
+    valid.parquet, test.parquet     user_id string, history list<int32>, targets list<int32>
+    meta.json                       source, counts, what was dropped or filled
+
+One sample per user (DESIGN.md section 2): history = the user's training items in time
+order except the last, target = the last. Samples are split over several Parquet files
+so that Ray Data reads them as several blocks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from engine.errors import DataError
+
+SAMPLES_SCHEMA = pa.schema(
+    [
+        pa.field("sample_id", pa.int64(), nullable=False),
+        pa.field("user_id", pa.string(), nullable=False),
+        pa.field("history", pa.list_(pa.int32()), nullable=False),
+        pa.field("target", pa.int32(), nullable=False),
+    ]
+)
+ITEMS_SCHEMA = pa.schema(
+    [
+        pa.field("item_id", pa.int32(), nullable=False),
+        pa.field("title", pa.string(), nullable=False),
+        pa.field("category", pa.string(), nullable=True),
+    ]
+)
+SPLIT_SCHEMA = pa.schema(
+    [
+        pa.field("user_id", pa.string(), nullable=False),
+        pa.field("history", pa.list_(pa.int32()), nullable=False),
+        pa.field("targets", pa.list_(pa.int32()), nullable=False),
+    ]
+)
+SPLITS = ("valid", "test")
+SAMPLES_DIR = "samples"
+ITEMS_FILE = "items.parquet"
+META_FILE = "meta.json"
+DEFAULT_ROWS_PER_FILE = 8192
+
+
+def _check_schema(table: pa.Table, schema: pa.Schema, path: object) -> pa.Table:
+    """Check that ``table`` has every column of ``schema`` with a castable type; return it cast."""
+    names = set(table.column_names)
+    for f in schema:
+        if f.name not in names:
+            raise DataError(
+                f"missing column; expected columns {schema.names}, found {table.column_names}",
+                path=path,
+                field=f.name,
+            )
+    table = table.select(schema.names)
+    cols = []
+    for f in schema:
+        col = table.column(f.name)
+        if col.type != f.type:
+            try:
+                col = col.cast(f.type)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+                raise DataError(
+                    f"column has type {col.type}, expected {f.type} ({e})", path=path, field=f.name
+                ) from None
+        if not f.nullable and col.null_count:
+            idx = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
+            raise DataError(f"null value at row {idx} in a non-nullable column", path=path, field=f.name)
+        cols.append(col)
+    return pa.Table.from_arrays(cols, schema=schema)
+
+
+def read_parquet_checked(path: str | os.PathLike, schema: pa.Schema) -> pa.Table:
+    """Read one Parquet file (or a folder of them) and check it against ``schema``.
+
+    Raises:
+        DataError: the file is missing, not Parquet, or lacks a column / has a wrong type.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError("file not found", path=path)
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DataError(f"not a readable Parquet file ({e})", path=path) from None
+    return _check_schema(table, schema, path)
+
+
+def sample_files(data_dir: str | os.PathLike) -> list[Path]:
+    """Sorted list of the samples Parquet files of a prepared folder."""
+    d = Path(data_dir) / SAMPLES_DIR
+    files = sorted(d.glob("*.parquet"))
+    if not files:
+        raise DataError(
+            "no samples Parquet files; prepare the data first, e.g. "
+            "`dealrec prepare --format dealrec-release --input ../shared/data/games --out DIR` "
+            "or `dealrec prepare --format synthetic --out DIR`",
+            path=d,
+        )
+    return files
+
+
+def read_samples(data_dir: str | os.PathLike, *, check_dense: bool = True) -> pa.Table:
+    """All samples of a prepared folder, schema-checked, ordered by ``sample_id``."""
+    tables = [read_parquet_checked(f, SAMPLES_SCHEMA) for f in sample_files(data_dir)]
+    table = pa.concat_tables(tables)
+    ids = table.column("sample_id").to_numpy()
+    order = np.argsort(ids, kind="stable")
+    if check_dense:
+        if not np.array_equal(ids[order], np.arange(len(ids))):
+            raise DataError(
+                "sample_id must be dense 0..n-1 without duplicates", path=Path(data_dir) / SAMPLES_DIR,
+                field="sample_id",
+            )
+    if not np.array_equal(order, np.arange(len(ids))):
+        table = table.take(pa.array(order))
+    return table
+
+
+def read_items(data_dir: str | os.PathLike) -> pa.Table:
+    """The items table of a prepared folder, schema-checked, ordered by ``item_id``."""
+    t = read_parquet_checked(Path(data_dir) / ITEMS_FILE, ITEMS_SCHEMA)
+    return t.sort_by("item_id")
+
+
+def read_split(data_dir: str | os.PathLike, split: str) -> pa.Table:
+    """The ``valid`` or ``test`` table of a prepared folder, schema-checked."""
+    if split not in SPLITS:
+        raise DataError(f"unknown split; expected one of {SPLITS}", field="split", value=split)
+    return read_parquet_checked(Path(data_dir) / f"{split}.parquet", SPLIT_SCHEMA)
+
+
+def read_meta(data_dir: str | os.PathLike) -> dict:
+    p = Path(data_dir) / META_FILE
+    if not p.exists():
+        raise DataError("meta.json missing: not a prepared dealrec folder", path=p)
+    return json.loads(p.read_text())
+
+
+def check_item_ids(ids: np.ndarray, n_items: int, *, path: object, field: str) -> None:
+    """Raise DataError naming the first id outside ``[0, n_items)``."""
+    ids = np.asarray(ids)
+    if ids.size == 0:
+        return
+    bad = (ids < 0) | (ids >= n_items)
+    if bad.any():
+        raise DataError(
+            f"unknown item id (catalogue has ids 0..{n_items - 1})", path=path, field=field,
+            value=int(ids[np.flatnonzero(bad)[0]]),
+        )
+
+
+def validate_prepared(data_dir: str | os.PathLike) -> dict:
+    """Full consistency check of a prepared folder; returns counts.
+
+    Checks schemas, dense sample ids, and that every history/target item id exists in
+    the items table.
+    """
+    items = read_items(data_dir)
+    n_items = items.num_rows
+    if not np.array_equal(items.column("item_id").to_numpy(), np.arange(n_items)):
+        raise DataError("item_id must be dense 0..n_items-1", path=Path(data_dir) / ITEMS_FILE, field="item_id")
+    samples = read_samples(data_dir)
+    p = Path(data_dir) / SAMPLES_DIR
+    check_item_ids(samples.column("target").to_numpy(), n_items, path=p, field="target")
+    check_item_ids(samples.column("history").combine_chunks().flatten().to_numpy(), n_items, path=p, field="history")
+    counts = {"samples": samples.num_rows, "items": n_items}
+    for split in SPLITS:
+        t = read_split(data_dir, split)
+        sp = Path(data_dir) / f"{split}.parquet"
+        check_item_ids(t.column("targets").combine_chunks().flatten().to_numpy(), n_items, path=sp, field="targets")
+        check_item_ids(t.column("history").combine_chunks().flatten().to_numpy(), n_items, path=sp, field="history")
+        counts[split] = t.num_rows
+    return counts
+
+
+@contextmanager
+def atomic_dir(out: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling folder; rename it to ``out`` only when the block succeeds.
+
+    Nothing is left at ``out`` (nor a temporary folder) when the block raises.
+    """
+    out = Path(out)
+    if out.exists() and not overwrite:
+        if any(out.iterdir()):
+            raise DataError("output folder exists and is not empty; pass --overwrite to replace it", path=out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+class PreparedWriter:
+    """Writes a prepared folder incrementally (samples in several files), for streaming importers.
+
+    Use inside :func:`atomic_dir`; ``add_samples`` may be called many times with
+    consecutive sample ids.
+    """
+
+    def __init__(self, root: Path, *, rows_per_file: int = DEFAULT_ROWS_PER_FILE):
+        self.root = Path(root)
+        (self.root / SAMPLES_DIR).mkdir(parents=True, exist_ok=True)
+        self.rows_per_file = rows_per_file
+        self._buf: list[pa.Table] = []
+        self._buf_rows = 0
+        self._part = 0
+        self.n_samples = 0
+        self._split_writers: dict[str, pq.ParquetWriter] = {}
+        self._splits_written: set[str] = set()
+        self.split_rows = {s: 0 for s in SPLITS}
+
+    def add_samples(self, user_ids, histories, targets) -> None:
+        n = len(targets)
+        if n == 0:
+            return
+        t = pa.Table.from_arrays(
+            [
+                pa.array(np.arange(self.n_samples, self.n_samples + n, dtype=np.int64)),
+                pa.array([str(u) for u in user_ids], pa.string()),
+                pa.array(histories, pa.list_(pa.int32())) if not isinstance(histories, pa.Array) else histories,
+                pa.array(np.asarray(targets, dtype=np.int32)),
+            ],
+            schema=SAMPLES_SCHEMA,
+        )
+        self.n_samples += n
+        self._buf.append(t)
+        self._buf_rows += n
+        while self._buf_rows >= self.rows_per_file:
+            self._flush(self.rows_per_file)
+
+    def _flush(self, rows: int) -> None:
+        t = pa.concat_tables(self._buf)
+        head, rest = t.slice(0, rows), t.slice(rows)
+        pq.write_table(head, self.root / SAMPLES_DIR / f"part-{self._part:05d}.parquet")
+        self._part += 1
+        self._buf = [rest] if rest.num_rows else []
+        self._buf_rows = rest.num_rows
+
+    def write_items(self, item_ids, titles, categories=None) -> None:
+        n = len(titles)
+        t = pa.Table.from_arrays(
+            [
+                pa.array(np.asarray(item_ids, dtype=np.int32)),
+                pa.array(list(titles), pa.string()),
+                pa.array(list(categories) if categories is not None else [None] * n, pa.string()),
+            ],
+            schema=ITEMS_SCHEMA,
+        )
+        pq.write_table(t, self.root / ITEMS_FILE)
+
+    def write_split(self, split: str, user_ids, histories, targets) -> None:
+        if split not in SPLITS:
+            raise DataError(f"unknown split; expected one of {SPLITS}", field="split", value=split)
+        t = pa.Table.from_arrays(
+            [
+                pa.array([str(u) for u in user_ids], pa.string()),
+                pa.array(histories, pa.list_(pa.int32())),
+                pa.array(targets, pa.list_(pa.int32())),
+            ],
+            schema=SPLIT_SCHEMA,
+        )
+        pq.write_table(t, self.root / f"{split}.parquet")
+        self._splits_written.add(split)
+        self.split_rows[split] = t.num_rows
+
+    def append_split(self, split: str, user_ids, histories, targets) -> None:
+        """Append rows to ``valid.parquet`` / ``test.parquet`` (one row group per call).
+
+        The streaming counterpart of :meth:`write_split`: use one or the other for a
+        split. ``histories`` and ``targets`` may be Arrow list arrays (no copy) or
+        lists of lists. A split never appended to is written empty by :meth:`close`.
+        """
+        if split not in SPLITS:
+            raise DataError(f"unknown split; expected one of {SPLITS}", field="split", value=split)
+        n = len(user_ids)
+        if n == 0:
+            return
+
+        def _lists(x):
+            return x if isinstance(x, pa.Array) else pa.array(x, pa.list_(pa.int32()))
+
+        t = pa.Table.from_arrays(
+            [pa.array([str(u) for u in user_ids], pa.string()), _lists(histories), _lists(targets)],
+            schema=SPLIT_SCHEMA,
+        )
+        w = self._split_writers.get(split)
+        if w is None:
+            w = self._split_writers[split] = pq.ParquetWriter(self.root / f"{split}.parquet", SPLIT_SCHEMA)
+        w.write_table(t)
+        self.split_rows[split] += n
+
+    def close(self, meta: dict) -> None:
+        if self._buf_rows:
+            self._flush(self._buf_rows)
+        for split in SPLITS:
+            if split in self._split_writers:
+                self._split_writers.pop(split).close()
+            elif split not in self._splits_written:
+                pq.write_table(SPLIT_SCHEMA.empty_table(), self.root / f"{split}.parquet")
+        if self.n_samples == 0:
+            raise DataError("no samples: every user has an empty training sequence", field="history")
+        meta = dict(meta)
+        meta.setdefault("counts", {})["samples"] = self.n_samples
+        (self.root / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
