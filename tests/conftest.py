@@ -55,7 +55,7 @@ def ray_cluster():
         pypath = os.pathsep.join(str(p) for p in [ROOT, ROOT / "tests", *sorted((ROOT / "tests").glob("*/"))])
         env = {"RAY_AUTH_MODE": "disabled", "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false",
                "PYTHONPATH": pypath + os.pathsep + os.environ.get("PYTHONPATH", "")}
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     yield ray
