@@ -66,6 +66,15 @@ class _PathCarrier:
         return out
 
 
+def _read_shard(batch: pa.Table, columns: list[str]) -> pa.Table:
+    """Read the input files named in ``batch["item"]``, tagging each row with its file."""
+    tables = []
+    for path in batch.column("item").to_pylist():
+        t = pq.read_table(path, columns=columns)
+        tables.append(t.append_column(PATH_COLUMN, pa.array([path] * t.num_rows, pa.string())))
+    return pa.concat_tables(tables)
+
+
 def shard_output_path(out_dir: Path, input_file: str | os.PathLike) -> Path:
     return Path(out_dir) / (Path(input_file).stem + ".parquet")
 
@@ -111,7 +120,7 @@ def score_shards(
     num_cpus: float = 1.0,
     num_gpus: float = 0.0,
     max_restarts: int = 3,
-    max_task_retries: int = 3,
+    max_task_retries: int = -1,
     progress: Callable[[str], None] = print,
     name: str = "scores",
 ) -> ShardRunStats:
@@ -127,7 +136,10 @@ def score_shards(
         num_actors, num_cpus, num_gpus: the pool size and each actor's resources. On a
             machine with few CPUs, keep ``num_actors * num_cpus`` below the total so that
             read tasks still get a CPU (STACK.md: a starved pool hangs silently).
-        max_restarts, max_task_retries: actor fault tolerance (a node lost mid-run).
+        max_restarts, max_task_retries: actor fault tolerance (a node lost mid-run; -1 =
+            unlimited). Task retries default to unlimited, Ray Data's own default for
+            pools: until the cluster declares a crashed node dead, every resubmitted batch
+            spends a retry, so a small finite limit fails runs that would recover.
 
     Raises:
         DealrecError: a shard's scored ids differ from its input ids.
@@ -149,7 +161,12 @@ def score_shards(
              f"{num_actors} actor(s) x {num_cpus} CPU / {num_gpus} GPU, batch {batch_size}, "
              f"max_restarts={max_restarts}, max_task_retries={max_task_retries}")
 
-    ds = ray.data.read_parquet(todo, include_paths=True).select_columns([*input_columns, PATH_COLUMN])
+    # One block per input file. ray.data.read_parquet (Ray 2.60, datasource v2) bin-packs
+    # small files into ~128 MiB read tasks: every shard of a run would travel in one
+    # block, scored by one actor task (no parallelism) and finished only at the very end
+    # (a killed driver resumes nothing).
+    ds = ray.data.from_items(todo, override_num_blocks=len(todo)).map_batches(
+        _read_shard, fn_kwargs={"columns": list(input_columns)}, batch_size=1, batch_format="pyarrow")
     ds = ds.map_batches(
         _PathCarrier,
         fn_constructor_args=(scorer_cls, tuple(constructor_args), dict(constructor_kwargs or {})),

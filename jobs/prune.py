@@ -77,12 +77,14 @@ class ScaleConfig:
     effort_batch_size: int = field(default=64, metadata={"help": "samples per Ray Data batch sent to an LLM actor"})
     effort_micro_batch: int = field(default=16, metadata={"help": "samples per forward/backward inside an actor"})
     max_restarts: int = field(default=3, metadata={"help": "actor restarts allowed (node loss)"})
-    max_task_retries: int = field(default=3, metadata={"help": "task retries allowed (node loss)"})
+    max_task_retries: int = field(default=-1, metadata={"help": "task retries allowed (node loss; -1 = unlimited, Ray Data's default)"})
 
     def __post_init__(self) -> None:
         p: list[str] = []
-        for name in ("influence_actors", "effort_actors", "max_restarts", "max_task_retries"):
+        for name in ("influence_actors", "effort_actors"):
             check(p, int(getattr(self, name)) >= 0, f"{name} must be >= 0, got {getattr(self, name)!r}")
+        for name in ("max_restarts", "max_task_retries"):
+            check(p, int(getattr(self, name)) >= -1, f"{name} must be >= -1 (-1 = unlimited), got {getattr(self, name)!r}")
         for name in ("influence_batch_size", "effort_batch_size", "effort_micro_batch"):
             check(p, int(getattr(self, name)) >= 1, f"{name} must be >= 1, got {getattr(self, name)!r}")
         for name in ("influence_cpus", "effort_cpus"):
