@@ -1,0 +1,247 @@
+"""Influence engine: speed of the batched per-sample pass, and a real Games run.
+
+Speed (default): on one SASRec surrogate (64-d, 2 blocks, 2 heads, max_len 50, 17,332 items
+like Games) and one batch of 256 samples, after warm-up, in one run:
+  - the all-sample batched pass grad L_s . v (forward-mode JVP; also the finite-difference
+    alternative) vs a per-sample backward loop (goal >= 10x) and vs a plain forward (goal <= 3x).
+The LAST two lines are ``influence_speedup_vs_loop: <x>`` and ``influence_cost_vs_forward: <x>``
+(JVP path).
+
+    .venv/bin/python benchmarks/influence.py                  # ~1-3 min on 2 cores
+    .venv/bin/python benchmarks/influence.py --batch 64 --items 2000   # tiny CPU variant
+
+Games (``games``): train SASRec on the DEALRec Games release (49,156 samples, 17,332 items)
+time-boxed, report validation Recall@20 / NDCG@20, solve v by CG (residual, HVPs), LiSSA with
+the paper's settings (depth 5000, scale 25, batch 1; residual or divergence), and the Spearman
+correlation between influence (CG v) and plain gradient alignment g_bar . grad L_s.
+
+    .venv/bin/python benchmarks/influence.py games --train-minutes 8
+    .venv/bin/python benchmarks/influence.py games --subset 5000 --train-minutes 2   # small variant
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from engine.errors import SolverError
+from engine.influence import (
+    directional_derivatives,
+    flatten_params,
+    mean_gradient,
+    solve_ihvp,
+    trainable_params,
+)
+from engine.surrogate import (
+    SurrogateConfig,
+    build_surrogate,
+    evaluate_ranking,
+    make_batches,
+    surrogate_loss,
+    train_surrogate,
+)
+
+GAMES = Path(__file__).resolve().parents[2] / "shared" / "data" / "games"
+
+
+def load_games(folder: Path = GAMES) -> tuple[pa.Table, pa.Table, int]:
+    """Samples (history = training items but the last, target = last) and valid rows, 0-based ids."""
+
+    def read(name: str) -> dict[int, list[int]]:
+        out = {}
+        for line in (folder / name).read_text().splitlines():
+            parts = line.split()
+            if parts:
+                out[int(parts[0])] = [int(x) - 1 for x in parts[1:]]
+        return out
+
+    train, valid = read("sequential_train.txt"), read("sequential_valid.txt")
+    users = sorted(u for u, s in train.items() if s)
+    hist = [train[u][:-1] for u in users]
+    tgt = [train[u][-1] for u in users]
+    samples = pa.table({
+        "sample_id": pa.array(np.arange(len(users)), pa.int64()),
+        "user_id": [str(u) for u in users],
+        "history": pa.array(hist, pa.list_(pa.int32())),
+        "target": pa.array(tgt, pa.int32()),
+    })
+    vu = [u for u in users if valid.get(u)]
+    vt = pa.table({"user_id": [str(u) for u in vu], "history": pa.array([train[u] for u in vu], pa.list_(pa.int32())),
+                   "targets": pa.array([valid[u] for u in vu], pa.list_(pa.int32()))})
+    n_items = 1 + max(max((max(s) for s in train.values() if s)), max((max(s) for s in valid.values() if s)))
+    return samples, vt, max(n_items, 17332)
+
+
+def _timeit(fn, reps: int) -> float:
+    fn()  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t0) / reps
+
+
+def speed(args: argparse.Namespace) -> None:
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    if GAMES.exists() and args.items == 17332:
+        samples, _, n_items = load_games()
+        samples = samples.slice(0, args.batch)
+        src = "Games (first samples)"
+    else:
+        n_items = args.items
+        lens = np.minimum(rng.geometric(1 / 9, args.batch), 80)
+        samples = pa.table({"sample_id": np.arange(args.batch),
+                            "history": pa.array([rng.integers(0, n_items, k).tolist() for k in lens],
+                                                pa.list_(pa.int32())),
+                            "target": rng.integers(0, n_items, args.batch).astype(np.int32)})
+        src = "synthetic"
+    model = build_surrogate(n_items, SurrogateConfig()).eval()
+    batch = make_batches(samples, batch_size=args.batch, max_len=50)[0]
+    params = trainable_params(model)
+    m = sum(p.numel() for p in params.values())
+    v = torch.randn(m) / m ** 0.5
+    print(f"data: {src}; batch {args.batch}, T={batch['seq'].shape[1]}, "
+          f"{int((batch['labels'] >= 0).sum())} positions; {n_items} items; {m:,} parameters; "
+          f"torch threads {torch.get_num_threads()}")
+
+    def fwd():
+        with torch.no_grad():
+            surrogate_loss(model, batch)
+
+    def jvp_pass():
+        directional_derivatives(model, surrogate_loss, batch, v)
+
+    def fd_pass():
+        directional_derivatives(model, surrogate_loss, batch, v, method="fd")
+
+    plist = list(params.values())
+    n_loop = min(args.loop_samples, args.batch)
+
+    def loop_pass():
+        for i in range(n_loop):
+            b = {k: t[i:i + 1] for k, t in batch.items()}
+            gs = torch.autograd.grad(surrogate_loss(model, b).sum(), plist)
+            flatten_params(gs) @ v
+
+    # accuracy of jvp / fd against the loop on the first samples
+    ref = []
+    for i in range(8):
+        b = {k: t[i:i + 1] for k, t in batch.items()}
+        ref.append(float(flatten_params(torch.autograd.grad(surrogate_loss(model, b).sum(), plist)) @ v))
+    ref = np.array(ref)
+    jv = directional_derivatives(model, surrogate_loss, batch, v).numpy()[:8]
+    fd = directional_derivatives(model, surrogate_loss, batch, v, method="fd").numpy()[:8]
+    print(f"max rel error vs per-sample grads: jvp {np.max(np.abs(jv - ref)) / np.max(np.abs(ref)):.2e}, "
+          f"fd {np.max(np.abs(fd - ref)) / np.max(np.abs(ref)):.2e}")
+    t_fwd = _timeit(fwd, args.reps)
+    t_jvp = _timeit(jvp_pass, args.reps)
+    t_fd = _timeit(fd_pass, args.reps)
+    t_loop = _timeit(loop_pass, 1) * args.batch / n_loop
+    print(f"forward (per-sample losses, no grad): {t_fwd * 1e3:.1f} ms/batch")
+    print(f"jvp all-sample pass:                  {t_jvp * 1e3:.1f} ms/batch")
+    print(f"fd  all-sample pass (2 forwards):     {t_fd * 1e3:.1f} ms/batch")
+    print(f"per-sample backward loop:             {t_loop * 1e3:.1f} ms/batch "
+          f"(timed on {n_loop} samples, scaled to {args.batch})")
+    print(f"fd_speedup_vs_loop: {t_loop / t_fd:.2f}")
+    print(f"fd_cost_vs_forward: {t_fd / t_fwd:.2f}")
+    print(f"influence_speedup_vs_loop: {t_loop / t_jvp:.2f}")
+    print(f"influence_cost_vs_forward: {t_jvp / t_fwd:.2f}")
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    ra = np.argsort(np.argsort(a)).astype(float)
+    rb = np.argsort(np.argsort(b)).astype(float)
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def games(args: argparse.Namespace) -> None:
+    res: dict = {}
+    samples, valid, n_items = load_games()
+    if args.subset:
+        samples = samples.slice(0, args.subset)
+        keep = set(samples.column("user_id").to_pylist())
+        valid = valid.filter(pa.array([u in keep for u in valid.column("user_id").to_pylist()]))
+    n = samples.num_rows
+    print(f"[games] {n} samples, {n_items} items, {valid.num_rows} valid users")
+    cfg = SurrogateConfig(epochs=args.epochs, max_minutes=args.train_minutes, weight_decay=args.weight_decay,
+                          log_every=50, patience=2)
+    t0 = time.perf_counter()
+    model, hist = train_surrogate(samples, n_items, cfg, valid=valid)
+    res["train_seconds"] = time.perf_counter() - t0
+    res["epochs"] = len(hist)
+    vb = make_batches(valid, batch_size=512, max_len=cfg.max_len)
+    r = evaluate_ranking(model, vb, k=20)
+    res["valid_recall@20"], res["valid_ndcg@20"] = r["recall"], r["ndcg"]
+    print(f"[games] valid Recall@20 {r['recall']:.4f} NDCG@20 {r['ndcg']:.4f}")
+    batches = make_batches(samples, batch_size=256, max_len=cfg.max_len)
+    t0 = time.perf_counter()
+    g, n = mean_gradient(model, surrogate_loss, batches)
+    res["g_bar_seconds"], res["g_bar_norm"] = time.perf_counter() - t0, float(g.norm())
+    print(f"[games] g_bar: ||g|| {float(g.norm()):.3e} ({res['g_bar_seconds']:.0f}s)")
+    damping = args.damping if args.damping is not None else cfg.weight_decay
+    hb = None if not args.hessian_samples else -(-args.hessian_samples // 256)
+    res["damping"], res["hessian_samples"] = damping, min(n, (hb or len(batches)) * 256)
+    v = None
+    for gn in (False, True):
+        name = "cg_ggn" if gn else "cg_hessian"
+        try:
+            vv, rep = solve_ihvp(model, surrogate_loss, batches, g, solver="cg", damping=damping, gauss_newton=gn,
+                                 tol=args.tol, max_iter=args.cg_iters, hessian_batches=hb, log=print)
+            res[name] = {k: rep.to_dict()[k] for k in ("rel_residual", "iterations", "hvps", "seconds", "converged")}
+            if v is None or gn:
+                v, res["v_from"] = vv, name
+        except SolverError as e:
+            res[name] = {"error": str(e)}
+        print(f"[games] {name}: {res[name]}")
+    t0 = time.perf_counter()
+    try:
+        _, rep = solve_ihvp(model, surrogate_loss, batches, g, solver="lissa", damping=damping, depth=5000,
+                            scale=25.0, hessian_batch_size=1, hessian_batches=hb, log=print)
+        res["lissa_paper"] = {k: rep.to_dict()[k] for k in ("rel_residual", "iterations", "hvps", "seconds")}
+    except SolverError as e:
+        res["lissa_paper"] = {"error": str(e), "seconds": time.perf_counter() - t0}
+    print(f"[games] lissa (depth 5000, scale 25, batch 1, damping {damping}): {res['lissa_paper']}")
+    if v is not None:
+        t0 = time.perf_counter()
+        sb = batches[: -(-args.score_samples // 256)] if args.score_samples else batches
+        res["score_samples"] = sum(len(b["sample_id"]) for b in sb)
+        inf = torch.cat([directional_derivatives(model, surrogate_loss, b, v) for b in sb]).numpy() / n
+        ali = torch.cat([directional_derivatives(model, surrogate_loss, b, g) for b in sb]).numpy() / n
+        res["score_seconds"] = time.perf_counter() - t0
+        res["spearman_influence_vs_alignment"] = _spearman(inf, ali)
+        res["influence_positive_fraction"] = float((inf > 0).mean())
+        print(f"[games] Spearman(influence, g_bar . grad L_s) = {res['spearman_influence_vs_alignment']:.4f}")
+    print(json.dumps(res, indent=1, default=str))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("mode", nargs="?", default="speed", choices=("speed", "games"))
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--items", type=int, default=17332)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--loop-samples", type=int, default=64, help="samples timed in the per-sample loop")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    p.add_argument("--subset", type=int, default=0, help="games: first N samples only (0 = all)")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--train-minutes", type=float, default=8.0)
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--damping", type=float, default=None, help="default: the weight decay")
+    p.add_argument("--tol", type=float, default=1e-3)
+    p.add_argument("--cg-iters", type=int, default=50)
+    p.add_argument("--score-samples", type=int, default=5120, help="samples for the Spearman (0 = all)")
+    p.add_argument("--hessian-samples", type=int, default=4096, help="samples used for H (0 = all)")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    (games if args.mode == "games" else speed)(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,735 @@
+"""Surrogate sequential recommenders (SASRec, BERT4Rec) for the influence score.
+
+The surrogate is a small recommender trained on all n samples; its per-sample loss is
+what influence functions differentiate (DESIGN.md section 1).
+
+Token layout (shared by every surrogate): token 0 = padding, token 1 = BOS for SASRec
+(= [MASK] for BERT4Rec), token ``item_id + 2`` = item ``item_id`` (item ids are the dense
+0..n_items-1 of the canonical items table). Item embeddings are tied with the output
+layer: ``logits = h @ E[2:].T``, so the output has exactly ``n_items`` columns.
+
+Batches (:func:`make_batches`) hold, per sample, the FULL training sequence
+``s = history + [target]`` (last ``max_len`` items), left-padded:
+
+- ``labels[b]`` = ``s[-max_len:]`` (item ids, -1 at padding),
+- ``seq[b]``    = ``([BOS] + s[:-1])[-max_len:]`` as tokens, so that the output at every
+  position t predicts ``labels[t]`` (next-item prediction at every position, SASRec
+  standard; the BOS lets the first item be predicted too, so users with a single
+  training item still contribute a loss, unlike the authors' code),
+- ``target`` = the sample's target (the last label), ``sample_id``.
+
+The output at the last position of ``seq`` is the next-item prediction after the history,
+so one batch serves training, influence, EL2N and ranking.
+
+Per-sample loss (what influence, GraNd and the training objective use; deterministic):
+
+    L_s(theta) = mean over the valid positions t of s of  CE(softmax(logits_t), labels_t)
+
+i.e. full-softmax cross-entropy over all items, averaged over the positions of the
+sample's own training sequence (eval mode, no dropout, no sampled negatives). SASRec is
+trained on exactly the objective that influence differentiates, except for dropout:
+
+    J(theta) = (1/n) sum_s L_s(theta) + (weight_decay / 2) * ||theta||^2
+
+(Adam's coupled L2 ``weight_decay``, applied to every parameter). So
+``influence_scores(..., damping=cfg.weight_decay)`` uses H = Hessian of J and g_bar =
+gradient of the mean loss R = (1/n) sum L_s, which is not 0 at the trained point
+(weight decay + early stopping). BERT4Rec trains on random cloze masks; its per-sample
+influence loss uses a mask pattern fixed by (sample_id, position), always including the
+target, so it is deterministic but only approximates its training objective.
+
+Positions are counted from the right (the last item has position 0), exactly SASRec's
+left-padding-to-max_len convention; hence a sample's output does not depend on how
+much padding its batch has, and scores are independent of batch composition.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from engine.errors import ConfigError, DataError, check
+
+__all__ = [
+    "BERT4Rec",
+    "SASRec",
+    "Surrogate",
+    "SurrogateConfig",
+    "build_surrogate",
+    "evaluate_ranking",
+    "load_surrogate",
+    "make_batches",
+    "save_surrogate",
+    "surrogate_from_payload",
+    "surrogate_loss",
+    "surrogate_payload",
+    "surrogate_to_payload",
+    "train_surrogate",
+]
+
+PAD, BOS, MASK = 0, 1, 1
+ITEM_OFFSET = 2
+MODELS = ("sasrec", "bert4rec")
+DISTRIBUTED = ("local",)
+
+
+@dataclass
+class SurrogateConfig:
+    """Configuration of the surrogate recommender and its training (validated as a whole)."""
+
+    model: str = field(default="sasrec", metadata={"help": "surrogate architecture: 'sasrec' or 'bert4rec'"})
+    hidden: int = field(default=64, metadata={"help": "embedding / hidden size (paper: 64)"})
+    n_blocks: int = field(default=2, metadata={"help": "transformer blocks (paper: 2)"})
+    n_heads: int = field(default=2, metadata={"help": "attention heads; must divide hidden (paper: 2)"})
+    max_len: int = field(default=50, metadata={"help": "positions per sequence: the last max_len items (paper: 50)"})
+    dropout: float = field(default=0.2, metadata={"help": "dropout in training; influence always runs in eval mode"})
+    lr: float = field(default=1e-3, metadata={"help": "Adam learning rate"})
+    weight_decay: float = field(
+        default=1e-4,
+        metadata={"help": "L2 coefficient lambda: objective = mean CE + lambda/2 ||theta||^2 (use it as influence damping)"},
+    )
+    batch_size: int = field(default=256, metadata={"help": "training mini-batch size (samples)"})
+    epochs: int = field(default=30, metadata={"help": "maximum training epochs"})
+    patience: int = field(default=3, metadata={"help": "early stopping: epochs without a better validation Recall@K"})
+    eval_k: int = field(default=20, metadata={"help": "K of the validation Recall@K / NDCG@K"})
+    mask_prob: float = field(default=0.2, metadata={"help": "BERT4Rec cloze mask probability (ignored by SASRec)"})
+    loss_chunk: int = field(
+        default=256,
+        metadata={"help": "positions per full-softmax chunk (memory: chunk x n_items floats; 256 keeps it in cache)"}
+    )
+    seed: int = field(default=0, metadata={"help": "seed of initialisation, shuffling and masks"})
+    max_minutes: float | None = field(default=None, metadata={"help": "time box for training (None = no limit)"})
+    log_every: int = field(default=50, metadata={"help": "log a progress line every this many batches (0 = never)"})
+    distributed: str = field(
+        default="local",
+        metadata={
+            "help": "'local' (pure function in this process). TODO(lead): 'ray_train' hook for large data "
+            "(wrap the per-epoch loop of train_surrogate in a TorchTrainer worker function)"
+        },
+    )
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field; raise ConfigError listing all problems at once."""
+        p: list[str] = []
+        check(p, self.model in MODELS, f"model={self.model!r}: expected one of {MODELS}")
+        check(p, isinstance(self.hidden, int) and self.hidden > 0, f"hidden={self.hidden!r}: must be a positive int")
+        check(p, isinstance(self.n_blocks, int) and self.n_blocks >= 1, f"n_blocks={self.n_blocks!r}: must be >= 1")
+        check(p, isinstance(self.n_heads, int) and self.n_heads >= 1, f"n_heads={self.n_heads!r}: must be >= 1")
+        if isinstance(self.hidden, int) and isinstance(self.n_heads, int) and self.n_heads >= 1 and self.hidden > 0:
+            check(p, self.hidden % self.n_heads == 0,
+                  f"n_heads={self.n_heads}: must divide hidden={self.hidden} (e.g. n_heads=2)")
+        check(p, isinstance(self.max_len, int) and self.max_len >= 1, f"max_len={self.max_len!r}: must be >= 1")
+        check(p, 0.0 <= self.dropout < 1.0, f"dropout={self.dropout!r}: must be in [0, 1)")
+        check(p, self.lr > 0, f"lr={self.lr!r}: must be > 0")
+        check(p, self.weight_decay >= 0, f"weight_decay={self.weight_decay!r}: must be >= 0")
+        check(p, isinstance(self.batch_size, int) and self.batch_size >= 1, f"batch_size={self.batch_size!r}: must be >= 1")
+        check(p, isinstance(self.epochs, int) and self.epochs >= 1, f"epochs={self.epochs!r}: must be >= 1")
+        check(p, isinstance(self.patience, int) and self.patience >= 1, f"patience={self.patience!r}: must be >= 1")
+        check(p, isinstance(self.eval_k, int) and self.eval_k >= 1, f"eval_k={self.eval_k!r}: must be >= 1")
+        check(p, 0.0 < self.mask_prob < 1.0, f"mask_prob={self.mask_prob!r}: must be in (0, 1)")
+        check(p, isinstance(self.loss_chunk, int) and self.loss_chunk >= 1, f"loss_chunk={self.loss_chunk!r}: must be >= 1")
+        check(p, self.max_minutes is None or self.max_minutes > 0, f"max_minutes={self.max_minutes!r}: must be > 0 or None")
+        check(p, isinstance(self.log_every, int) and self.log_every >= 0, f"log_every={self.log_every!r}: must be >= 0")
+        check(p, self.distributed in DISTRIBUTED,
+              f"distributed={self.distributed!r}: expected one of {DISTRIBUTED} (Ray Train is a TODO hook)")
+        if p:
+            raise ConfigError(p, config="SurrogateConfig")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SurrogateConfig:
+        """Build from a dict; unknown keys are reported with the valid ones."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError([f"unknown field {k!r}; valid fields: {sorted(names)}" for k in unknown],
+                              config="SurrogateConfig")
+        return cls(**dict(d))
+
+
+@runtime_checkable
+class Surrogate(Protocol):
+    """What the influence engine needs from a surrogate recommender."""
+
+    n_items: int
+
+    def per_sample_loss(self, batch: Mapping[str, Tensor]) -> Tensor:
+        """Deterministic loss of every sample of the batch, shape [B] (eval mode for influence)."""
+        ...
+
+    def score_next(self, batch: Mapping[str, Tensor]) -> Tensor:
+        """Scores of every item as the next item after each sample's history, shape [B, n_items]."""
+        ...
+
+
+# --------------------------------------------------------------------------- batching
+
+
+def _column(batch: Any, name: str) -> Any:
+    if isinstance(batch, pa.Table):
+        return batch.column(name) if name in batch.column_names else None
+    return batch.get(name)
+
+
+def _as_list_of_arrays(col: Any) -> list[np.ndarray]:
+    """History-like column (Arrow list column, numpy object array of arrays, or list) -> list of int arrays."""
+    if isinstance(col, (pa.ChunkedArray, pa.Array)):
+        col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+        offsets = col.offsets.to_numpy()
+        values = col.values.to_numpy(zero_copy_only=False).astype(np.int64)
+        return [values[offsets[i]:offsets[i + 1]] for i in range(len(col))]
+    if isinstance(col, np.ndarray) and col.dtype != object and col.ndim == 2:
+        return [np.asarray(r, dtype=np.int64) for r in col]
+    return [np.asarray(r if r is not None else [], dtype=np.int64).reshape(-1) for r in col]
+
+
+def _to_numpy(col: Any) -> np.ndarray:
+    if isinstance(col, (pa.ChunkedArray, pa.Array)):
+        return col.to_numpy()
+    return np.asarray(col)
+
+
+def encode_samples(batch: Any, *, max_len: int) -> dict[str, np.ndarray]:
+    """Encode samples (or valid/test rows) into left-padded numpy matrices of width max_len.
+
+    Args:
+        batch: a pyarrow Table or a dict of numpy arrays (Ray Data ``batch_format="numpy"``:
+            ``history`` arrives as an object array of int arrays) with columns ``history`` and
+            either ``target`` (training samples) or ``targets`` (valid/test rows);
+            ``sample_id`` is optional (row numbers are used when absent).
+        max_len: sequence window.
+
+    Returns:
+        dict with ``sample_id`` [N] int64, ``seq`` [N, max_len] int64 tokens, ``labels``
+        [N, max_len] int64 item ids (-1 = padding), ``target`` [N] (-1 for eval rows), and for
+        eval rows ``targets`` / ``seen`` as padded [N, *] int64 (-1 = padding).
+
+    Raises:
+        DataError: a required column is missing or an item id is negative.
+    """
+    hist_col = _column(batch, "history")
+    if hist_col is None:
+        raise DataError("missing column; samples need 'history' and 'target' (eval rows: 'targets')", field="history")
+    hists = _as_list_of_arrays(hist_col)
+    n = len(hists)
+    sid = _column(batch, "sample_id")
+    sample_id = np.arange(n, dtype=np.int64) if sid is None else _to_numpy(sid).astype(np.int64)
+    tgt = _column(batch, "target")
+    tgts = _column(batch, "targets")
+    if tgt is None and tgts is None:
+        raise DataError("missing column: training samples need 'target', eval rows need 'targets'", field="target")
+    seq = np.zeros((n, max_len), dtype=np.int64)
+    labels = np.full((n, max_len), -1, dtype=np.int64)
+    out: dict[str, np.ndarray] = {"sample_id": sample_id, "seq": seq, "labels": labels}
+    if tgt is not None:
+        target = _to_numpy(tgt).astype(np.int64)
+        out["target"] = target
+        for i, h in enumerate(hists):
+            s = np.concatenate([h, target[i:i + 1]])[-max_len:]
+            labels[i, max_len - len(s):] = s
+            inp = np.concatenate([[BOS - ITEM_OFFSET], h])[-max_len:] + ITEM_OFFSET
+            seq[i, max_len - len(inp):] = inp
+    else:
+        tl = _as_list_of_arrays(tgts)
+        out["target"] = np.full(n, -1, dtype=np.int64)
+        width_t = max(1, max((len(t) for t in tl), default=1))
+        width_s = max(1, max((len(h) for h in hists), default=1))
+        targets = np.full((n, width_t), -1, dtype=np.int64)
+        seen = np.full((n, width_s), -1, dtype=np.int64)
+        for i, h in enumerate(hists):
+            inp = np.concatenate([[BOS - ITEM_OFFSET], h])[-max_len:] + ITEM_OFFSET
+            seq[i, max_len - len(inp):] = inp
+            # labels of eval rows: the history itself (so BERT4Rec can read the items)
+            hh = h[-max_len:]
+            labels[i, max_len - len(hh):] = hh
+            targets[i, :len(tl[i])] = tl[i]
+            seen[i, :len(h)] = h
+        out["targets"], out["seen"] = targets, seen
+    if (seq < 0).any() or (out["target"][out["target"] != -1] < 0).any():
+        raise DataError("negative item id in a sample (item ids are dense 0..n_items-1)", field="history")
+    return out
+
+
+def _slice_encoded(enc: Mapping[str, np.ndarray], idx: np.ndarray) -> dict[str, Tensor]:
+    """Rows ``idx`` of an encoded matrix set, trimmed to the batch's longest sequence, as tensors."""
+    seq = enc["seq"][idx]
+    used = (seq != PAD).any(axis=0)
+    first = int(np.argmax(used)) if used.any() else seq.shape[1] - 1
+    b: dict[str, Tensor] = {
+        "sample_id": torch.from_numpy(enc["sample_id"][idx].copy()),
+        "seq": torch.from_numpy(seq[:, first:].copy()),
+        "labels": torch.from_numpy(enc["labels"][idx][:, first:].copy()),
+        "target": torch.from_numpy(enc["target"][idx].copy()),
+    }
+    for k in ("targets", "seen"):
+        if k in enc:
+            m = enc[k][idx]
+            w = max(1, int((m != -1).sum(axis=1).max(initial=0)))
+            b[k] = torch.from_numpy(m[:, :w].copy())
+    return b
+
+
+def make_batches(samples: Any, *, batch_size: int, max_len: int) -> list[dict[str, Tensor]]:
+    """Cut samples into tensor batches (left-padded to each batch's longest sequence).
+
+    Args:
+        samples: pyarrow Table (samples schema or valid/test schema) or a dict of numpy
+            arrays as given by Ray Data ``map_batches(batch_format="numpy")``.
+        batch_size: samples per batch.
+        max_len: sequence window (the surrogate's ``max_len``).
+
+    Returns:
+        list of dicts of tensors: ``sample_id`` [B], ``seq`` [B, T], ``labels`` [B, T],
+        ``target`` [B] and for eval rows ``targets``/``seen``; input order is kept.
+
+    Raises:
+        DataError: missing columns or bad ids.
+    """
+    if batch_size < 1 or max_len < 1:
+        raise DataError("batch_size and max_len must be >= 1", field="batch_size", value=(batch_size, max_len))
+    enc = encode_samples(samples, max_len=max_len)
+    n = len(enc["sample_id"])
+    return [_slice_encoded(enc, np.arange(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
+
+
+# --------------------------------------------------------------------------- models
+
+
+class _Block(nn.Module):
+    """Pre-LN transformer block with hand-written softmax attention (forward-mode AD works)."""
+
+    def __init__(self, d: int, heads: int, dropout: float):
+        super().__init__()
+        self.heads = heads
+        self.ln1 = nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.out = nn.Linear(d, d)
+        self.ln2 = nn.LayerNorm(d)
+        self.ff1 = nn.Linear(d, d)
+        self.ff2 = nn.Linear(d, d)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, allowed: Tensor) -> Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(d, dim=-1)
+        dh = d // self.heads
+        q, k, v = (z.reshape(b, t, self.heads, dh).transpose(1, 2) for z in (q, k, v))
+        att = (q @ k.transpose(-1, -2)) / math.sqrt(dh)
+        # finite fill (not -inf): rows stay well defined; every row allows its own position
+        att = att.masked_fill(~allowed[:, None], -1e9).softmax(-1)
+        y = (self.drop(att) @ v).transpose(1, 2).reshape(b, t, d)
+        x = x + self.drop(self.out(y))
+        return x + self.drop(self.ff2(self.drop(F.gelu(self.ff1(self.ln2(x))))))
+
+
+class _Encoder(nn.Module):
+    def __init__(self, n_items: int, cfg: SurrogateConfig, *, causal: bool):
+        super().__init__()
+        self.n_items, self.cfg, self.causal = n_items, cfg, causal
+        d = cfg.hidden
+        self.item_emb = nn.Embedding(n_items + ITEM_OFFSET, d, padding_idx=PAD)
+        self.pos_emb = nn.Embedding(cfg.max_len, d)
+        self.emb_drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(_Block(d, cfg.n_heads, cfg.dropout) for _ in range(cfg.n_blocks))
+        self.ln = nn.LayerNorm(d)
+        nn.init.normal_(self.item_emb.weight, std=0.02)
+        nn.init.normal_(self.pos_emb.weight, std=0.02)
+        with torch.no_grad():
+            self.item_emb.weight[PAD].zero_()
+
+    def encode(self, tokens: Tensor) -> Tensor:
+        """Hidden states [B, T, d] of left-padded token rows [B, T] (T <= max_len)."""
+        b, t = tokens.shape
+        if t > self.cfg.max_len:
+            tokens = tokens[:, -self.cfg.max_len:]
+            t = self.cfg.max_len
+        valid = tokens != PAD
+        pos = torch.arange(t - 1, -1, -1, device=tokens.device)  # last item -> position 0
+        x = self.item_emb(tokens) * math.sqrt(self.cfg.hidden) + self.pos_emb(pos)[None]
+        x = self.emb_drop(x) * valid[..., None]
+        eye = torch.eye(t, dtype=torch.bool, device=tokens.device)
+        allowed = valid[:, None, :] | eye[None]
+        if self.causal:
+            allowed = allowed & torch.ones(t, t, dtype=torch.bool, device=tokens.device).tril()[None]
+        for blk in self.blocks:
+            x = blk(x, allowed) * valid[..., None]
+        return self.ln(x)
+
+    def item_logits(self, h: Tensor) -> Tensor:
+        return h @ self.item_emb.weight[ITEM_OFFSET:].T
+
+    def _ce(self, h: Tensor, labels: Tensor) -> Tensor:
+        """Full-softmax CE per row: logsumexp(h E^T) - h . e_label (the target logit is taken
+        directly from its embedding: in forward-mode AD this is ~2x cheaper than cross_entropy)."""
+        return torch.logsumexp(self.item_logits(h), -1) - (h * self.item_emb(labels + ITEM_OFFSET)).sum(-1)
+
+    def _positions_ce(self, h: Tensor, labels: Tensor, weights: Tensor) -> Tensor:
+        """Per-sample weighted mean CE over positions. h [B,T,d], labels [B,T], weights [B,T] (0/1)."""
+        b = h.shape[0]
+        cnt = weights.sum(1).clamp_min(1.0)
+        if b == 1:
+            # dense path: no data-dependent indexing, so the loss works under vmap (GraNd)
+            ce = self._ce(h[0], labels[0].clamp_min(0))
+            return ((ce * weights[0]).sum() / cnt[0]).reshape(1)
+        flat = weights.reshape(-1) > 0
+        idx = flat.nonzero().squeeze(1)
+        hv = h.reshape(-1, h.shape[-1]).index_select(0, idx)
+        lv = labels.reshape(-1).index_select(0, idx)
+        row = idx // h.shape[1]
+        chunk = self.cfg.loss_chunk
+        parts = []
+        for s in range(0, hv.shape[0], chunk):
+            parts.append(self._ce(hv[s:s + chunk], lv[s:s + chunk]))
+        ce = torch.cat(parts) if parts else hv.new_zeros(0)
+        total = torch.zeros(b, dtype=ce.dtype, device=ce.device).index_add(0, row, ce)
+        return total / cnt.to(ce.dtype)
+
+
+class SASRec(_Encoder):
+    """SASRec (Kang & McAuley 2018): causal self-attention, tied item embeddings.
+
+    Args:
+        n_items: catalogue size (item ids 0..n_items-1).
+        cfg: a :class:`SurrogateConfig` (hidden, n_blocks, n_heads, max_len, dropout).
+    """
+
+    def __init__(self, n_items: int, cfg: SurrogateConfig):
+        super().__init__(n_items, cfg, causal=True)
+
+    def per_sample_loss(self, batch: Mapping[str, Tensor]) -> Tensor:
+        """Mean full-softmax CE over the positions of each sample's training sequence, [B]."""
+        labels = batch["labels"]
+        h = self.encode(batch["seq"])
+        labels = labels[:, -h.shape[1]:]
+        return self._positions_ce(h, labels, (labels >= 0).to(h.dtype))
+
+    def training_loss(self, batch: Mapping[str, Tensor], generator: torch.Generator | None = None) -> Tensor:
+        """Mean of per-sample losses (the training objective's data term; dropout per train mode)."""
+        return self.per_sample_loss(batch).mean()
+
+    def score_next(self, batch: Mapping[str, Tensor]) -> Tensor:
+        """Logits of every item after each sample's history, [B, n_items]."""
+        return self.item_logits(self.encode(batch["seq"])[:, -1])
+
+
+def _fixed_mask(sample_id: Tensor, t: int, prob: float, seed: int) -> Tensor:
+    """Deterministic cloze mask [B, t] from (sample_id, position-from-right): a fixed hash."""
+    pos = torch.arange(t - 1, -1, -1, device=sample_id.device)
+    x = (sample_id[:, None].to(torch.int64) * 1000003 + pos[None] * 7919 + seed * 104729) & 0x7FFFFFFF
+    x = (x * 1103515245 + 12345) & 0x7FFFFFFF
+    x = (x ^ (x >> 13)) * 1274126177 & 0x7FFFFFFF
+    return (x.to(torch.float64) / 0x7FFFFFFF) < prob
+
+
+class BERT4Rec(_Encoder):
+    """BERT4Rec (Sun et al. 2019): bidirectional attention, cloze objective, tied embeddings.
+
+    Training masks random positions (``cfg.mask_prob``) of the full sequence and always the
+    last item (the next-item task). :meth:`per_sample_loss` uses a fixed mask from
+    (sample_id, position) plus the last item, so it is deterministic.
+    """
+
+    def __init__(self, n_items: int, cfg: SurrogateConfig):
+        super().__init__(n_items, cfg, causal=False)
+
+    def _cloze_loss(self, batch: Mapping[str, Tensor], masked: Tensor) -> Tensor:
+        labels = batch["labels"][:, -self.cfg.max_len:]
+        valid = labels >= 0
+        last = torch.arange(valid.shape[1], device=valid.device) == valid.shape[1] - 1
+        masked = (masked | last[None]) & valid
+        tokens = torch.where(valid, labels + ITEM_OFFSET, torch.zeros_like(labels))
+        tokens = torch.where(masked, torch.full_like(tokens, MASK), tokens)
+        h = self.encode(tokens)
+        return self._positions_ce(h, labels, masked.to(h.dtype))
+
+    def per_sample_loss(self, batch: Mapping[str, Tensor]) -> Tensor:
+        """Deterministic cloze CE per sample (fixed mask + last item), [B]."""
+        t = min(batch["labels"].shape[1], self.cfg.max_len)
+        m = _fixed_mask(batch["sample_id"], t, self.cfg.mask_prob, self.cfg.seed)
+        return self._cloze_loss(batch, m)
+
+    def training_loss(self, batch: Mapping[str, Tensor], generator: torch.Generator | None = None) -> Tensor:
+        """Mean cloze CE with fresh random masks (training only)."""
+        t = min(batch["labels"].shape[1], self.cfg.max_len)
+        m = torch.rand(batch["labels"].shape[0], t, generator=generator) < self.cfg.mask_prob
+        return self._cloze_loss(batch, m).mean()
+
+    def score_next(self, batch: Mapping[str, Tensor]) -> Tensor:
+        """Logits at an appended [MASK] after each history, [B, n_items]."""
+        seq = batch["seq"][:, 1:]
+        seq = torch.where(seq == BOS, torch.zeros_like(seq), seq)
+        tokens = torch.cat([seq, torch.full_like(batch["seq"][:, :1], MASK)], dim=1)
+        return self.item_logits(self.encode(tokens)[:, -1])
+
+
+def build_surrogate(n_items: int, cfg: SurrogateConfig) -> SASRec | BERT4Rec:
+    """A freshly initialised surrogate (seeded by ``cfg.seed``).
+
+    Raises:
+        ConfigError: ``n_items`` < 1.
+    """
+    if not isinstance(n_items, int) or n_items < 1:
+        raise ConfigError([f"n_items={n_items!r}: must be a positive int"], config="surrogate")
+    torch.manual_seed(cfg.seed)
+    return (SASRec if cfg.model == "sasrec" else BERT4Rec)(n_items, cfg)
+
+
+def _sasrec_position_logits(model: SASRec, batch: Mapping[str, Tensor]) -> Tensor:
+    """Logits [N_valid, n_items] at the valid positions of the batch (row-major order)."""
+    if not isinstance(model, SASRec):
+        raise ConfigError(["gauss_newton=True is implemented for SASRec surrogates only"], config="iHVP solver")
+    h = model.encode(batch["seq"])
+    labels = batch["labels"][:, -h.shape[1]:]
+    idx = (labels.reshape(-1) >= 0).nonzero().squeeze(1)
+    return model.item_logits(h.reshape(-1, h.shape[-1]).index_select(0, idx))
+
+
+def _sasrec_loss_on_logits(z: Tensor, batch: Mapping[str, Tensor]) -> Tensor:
+    """Per-sample mean CE from :func:`_sasrec_position_logits` output (the SASRec per-sample loss)."""
+    labels = batch["labels"]
+    flat = labels.reshape(-1)
+    idx = (flat >= 0).nonzero().squeeze(1)
+    row = idx // labels.shape[1]
+    ce = F.cross_entropy(z, flat.index_select(0, idx), reduction="none")
+    cnt = (labels >= 0).sum(1).clamp_min(1).to(ce.dtype)
+    return torch.zeros(labels.shape[0], dtype=ce.dtype).index_add(0, row, ce) / cnt
+
+
+class _SurrogateLoss:
+    """``loss_fn(model, batch) = model.per_sample_loss(batch)``; ``split`` enables Gauss-Newton (SASRec)."""
+
+    split = (_sasrec_position_logits, _sasrec_loss_on_logits)
+
+    def __call__(self, model: Surrogate, batch: Mapping[str, Tensor]) -> Tensor:
+        return model.per_sample_loss(batch)
+
+    def __repr__(self) -> str:
+        return "surrogate_loss"
+
+
+surrogate_loss = _SurrogateLoss()
+"""The loss_fn of the influence engine: ``surrogate_loss(model, batch) -> model.per_sample_loss(batch)`` [B].
+
+Its ``split`` attribute (position logits, CE on them) lets ``solve_ihvp(..., gauss_newton=True)``
+use the PSD Gauss-Newton matrix of SASRec's full-softmax CE."""
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate_ranking(model: Surrogate, batches: list[dict[str, Tensor]], *, k: int = 20) -> dict[str, float]:
+    """Full-ranking Recall@K and NDCG@K over eval batches (rows with targets; seen items masked).
+
+    Args:
+        model: a surrogate.
+        batches: eval batches from :func:`make_batches` on a valid/test table.
+        k: cut-off.
+
+    Returns:
+        ``{"recall": ..., "ndcg": ..., "users": ...}`` averaged over rows with >= 1 target.
+    """
+    was = model.training
+    model.eval()
+    rec, ndcg, users = 0.0, 0.0, 0
+    disc = 1.0 / torch.log2(torch.arange(k, dtype=torch.float64) + 2.0)
+    try:
+        for b in batches:
+            tg = b["targets"]
+            has = (tg >= 0).any(1)
+            if not has.any():
+                continue
+            scores = model.score_next(b).double()
+            seen = b["seen"]
+            rows = torch.arange(seen.shape[0])[:, None].expand_as(seen)
+            ok = seen >= 0
+            scores[rows[ok], seen[ok]] = -float("inf")
+            top = scores.topk(min(k, scores.shape[1]), dim=1).indices  # [B, k]
+            hit = torch.zeros_like(top, dtype=torch.bool)
+            for j in range(tg.shape[1]):
+                t = tg[:, j:j + 1]
+                hit |= (top == t) & (t >= 0)
+            n_t = (tg >= 0).sum(1).double()
+            r = hit.sum(1).double() / n_t.clamp_min(1)
+            dcg = (hit.double() * disc[: top.shape[1]]).sum(1)
+            idcg = torch.stack([disc[: int(min(m, k))].sum() for m in n_t.tolist()])
+            rec += float(r[has].sum())
+            ndcg += float((dcg / idcg.clamp_min(1e-12))[has].sum())
+            users += int(has.sum())
+    finally:
+        model.train(was)
+    return {"recall": rec / max(users, 1), "ndcg": ndcg / max(users, 1), "users": float(users)}
+
+
+# --------------------------------------------------------------------------- training
+
+
+def train_surrogate(
+    samples: pa.Table | Mapping[str, np.ndarray],
+    n_items: int,
+    cfg: SurrogateConfig,
+    *,
+    valid: pa.Table | Mapping[str, np.ndarray] | None = None,
+    log: Callable[[str], None] = print,
+) -> tuple[SASRec | BERT4Rec, list[dict[str, float]]]:
+    """Train a surrogate on all samples; a pure function (no Ray).
+
+    Objective: J(theta) = mean_s L_s(theta) + (weight_decay/2)||theta||^2 (Adam with coupled
+    L2), dropout on. Early stopping on validation Recall@K (full ranking, seen items masked);
+    the best checkpoint is returned. Without ``valid`` the last epoch is returned.
+
+    Args:
+        samples: canonical samples (Table or dict of numpy).
+        n_items: catalogue size.
+        cfg: validated :class:`SurrogateConfig`.
+        valid: optional valid table (history, targets) for early stopping.
+        log: receives one progress/metrics line at a time.
+
+    Returns:
+        (model in eval mode, list of per-epoch metric dicts: epoch, train_loss, recall, ndcg, seconds).
+
+    Raises:
+        ConfigError: bad config or n_items. DataError: malformed samples or item ids >= n_items.
+    """
+    cfg.validate()
+    model = build_surrogate(n_items, cfg)
+    enc = encode_samples(samples, max_len=cfg.max_len)
+    if enc["labels"].max(initial=-1) >= n_items:
+        raise DataError(f"item id >= n_items={n_items}", field="history/target", value=int(enc["labels"].max()))
+    n = len(enc["sample_id"])
+    valid_batches = make_batches(valid, batch_size=512, max_len=cfg.max_len) if valid is not None else None
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    rng = np.random.default_rng(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    history: list[dict[str, float]] = []
+    best, best_state, bad = -1.0, None, 0
+    t_start = time.perf_counter()
+    n_batches = math.ceil(n / cfg.batch_size)
+    log(f"[surrogate] {cfg.model}: {sum(p.numel() for p in model.parameters()):,} parameters, "
+        f"{n:,} samples, {n_items:,} items, {n_batches} batches/epoch")
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        t0 = time.perf_counter()
+        perm = rng.permutation(n)
+        tot, seen = 0.0, 0
+        timed_out = False
+        for bi, s in enumerate(range(0, n, cfg.batch_size)):
+            b = _slice_encoded(enc, perm[s:s + cfg.batch_size])
+            loss = model.training_loss(b, gen)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            tot += float(loss.detach()) * len(b["sample_id"])
+            seen += len(b["sample_id"])
+            if cfg.log_every and (bi + 1) % cfg.log_every == 0:
+                log(f"[surrogate] epoch {epoch} batch {bi + 1}/{n_batches} loss {tot / seen:.4f} "
+                    f"({time.perf_counter() - t0:.0f}s)")
+            if cfg.max_minutes is not None and time.perf_counter() - t_start > cfg.max_minutes * 60:
+                timed_out = True
+                break
+        m: dict[str, float] = {"epoch": float(epoch), "train_loss": tot / max(seen, 1)}
+        if valid_batches is not None:
+            r = evaluate_ranking(model, valid_batches, k=cfg.eval_k)
+            m.update(recall=r["recall"], ndcg=r["ndcg"])
+        m["seconds"] = time.perf_counter() - t0
+        history.append(m)
+        log(f"[surrogate] epoch {epoch}/{cfg.epochs} " + " ".join(
+            f"{k}={v:.4f}" for k, v in m.items() if k != "epoch") + (" (time box reached)" if timed_out else ""))
+        if valid_batches is not None:
+            if m["recall"] > best:
+                best, bad = m["recall"], 0
+                best_state = copy.deepcopy(model.state_dict())
+            else:
+                bad += 1
+                if bad >= cfg.patience:
+                    log(f"[surrogate] early stop: no better Recall@{cfg.eval_k} for {cfg.patience} epochs "
+                        f"(best {best:.4f})")
+                    break
+        if timed_out:
+            break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    return model, history
+
+
+# --------------------------------------------------------------------------- persistence
+
+
+def surrogate_to_payload(model: SASRec | BERT4Rec) -> dict[str, Any]:
+    """Plain-data form (config dict, n_items, state dict of numpy arrays) for ``ray.put``."""
+    return {
+        "config": model.cfg.to_dict(),
+        "n_items": int(model.n_items),
+        "state": {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()},
+    }
+
+
+def surrogate_payload(src: SASRec | BERT4Rec | str | os.PathLike) -> dict[str, Any]:
+    """:func:`surrogate_to_payload` of a model or of a folder written by :func:`save_surrogate`."""
+    if isinstance(src, nn.Module):
+        return surrogate_to_payload(src)
+    return surrogate_to_payload(load_surrogate(src))
+
+
+def surrogate_from_payload(payload: Mapping[str, Any]) -> SASRec | BERT4Rec:
+    """Rebuild a surrogate (eval mode) from :func:`surrogate_to_payload` output."""
+    cfg = SurrogateConfig.from_dict(payload["config"])
+    model = build_surrogate(int(payload["n_items"]), cfg)
+    model.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in payload["state"].items()})
+    return model.eval()
+
+
+def save_surrogate(model: SASRec | BERT4Rec, cfg: SurrogateConfig | None, path: str | os.PathLike) -> Path:
+    """Write ``model.pt`` (state dict only, loadable with weights_only=True) and ``config.json``.
+
+    Args:
+        model: a surrogate.
+        cfg: its config (None = ``model.cfg``).
+        path: output folder (created).
+
+    Returns:
+        the folder.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path / "model.pt")
+    (path / "config.json").write_text(
+        json.dumps({"config": (cfg or model.cfg).to_dict(), "n_items": int(model.n_items)}, indent=2, sort_keys=True))
+    return path
+
+
+def load_surrogate(path: str | os.PathLike) -> SASRec | BERT4Rec:
+    """Load a surrogate saved by :func:`save_surrogate` (eval mode; never unpickles objects).
+
+    Raises:
+        DataError: the folder lacks ``model.pt`` or ``config.json``.
+    """
+    path = Path(path)
+    for f in ("model.pt", "config.json"):
+        if not (path / f).exists():
+            raise DataError("not a saved surrogate (expected model.pt and config.json)", path=path / f)
+    meta = json.loads((path / "config.json").read_text())
+    cfg = SurrogateConfig.from_dict(meta["config"])
+    model = build_surrogate(int(meta["n_items"]), cfg)
+    model.load_state_dict(torch.load(path / "model.pt", weights_only=True, map_location="cpu"))
+    return model.eval()
