@@ -32,6 +32,9 @@ from engine.errors import DealrecError
 log = logging.getLogger("dealrec.shards")
 
 PATH_COLUMN = "path"
+# Reads are light IO; a small CPU request lets them run beside an actor pool that takes
+# (almost) every CPU. A read asking for a whole CPU next to such a pool never starts (STACK.md).
+READ_CPUS = 0.25
 
 
 @dataclass
@@ -166,7 +169,8 @@ def score_shards(
     # block, scored by one actor task (no parallelism) and finished only at the very end
     # (a killed driver resumes nothing).
     ds = ray.data.from_items(todo, override_num_blocks=len(todo)).map_batches(
-        _read_shard, fn_kwargs={"columns": list(input_columns)}, batch_size=1, batch_format="pyarrow")
+        _read_shard, fn_kwargs={"columns": list(input_columns)}, batch_size=1, batch_format="pyarrow",
+        num_cpus=READ_CPUS)
     ds = ds.map_batches(
         _PathCarrier,
         fn_constructor_args=(scorer_cls, tuple(constructor_args), dict(constructor_kwargs or {})),

@@ -84,7 +84,7 @@ __all__ = [
 PAD, BOS, MASK = 0, 1, 1
 ITEM_OFFSET = 2
 MODELS = ("sasrec", "bert4rec")
-DISTRIBUTED = ("local",)
+DISTRIBUTED = ("local", "ray_train")
 
 
 @dataclass
@@ -117,8 +117,17 @@ class SurrogateConfig:
     distributed: str = field(
         default="local",
         metadata={
-            "help": "'local' (pure function in this process). TODO(lead): 'ray_train' hook for large data "
-            "(wrap the per-epoch loop of train_surrogate in a TorchTrainer worker function)"
+            "help": "where the surrogate trains: 'local' = train_surrogate in the calling process (small data); "
+            "'ray_train' = a Ray Train TorchTrainer with num_workers DDP ranks (large data; "
+            "jobs/surrogate_train.py). The engine itself never imports Ray"
+        },
+    )
+    num_workers: int = field(
+        default=2,
+        metadata={
+            "help": "Ray Train data-parallel ranks when distributed='ray_train' (ignored by 'local'); "
+            "each rank trains on batch_size // num_workers samples per step, so batch_size must be a "
+            "multiple of num_workers"
         },
     )
 
@@ -147,8 +156,15 @@ class SurrogateConfig:
         check(p, isinstance(self.loss_chunk, int) and self.loss_chunk >= 1, f"loss_chunk={self.loss_chunk!r}: must be >= 1")
         check(p, self.max_minutes is None or self.max_minutes > 0, f"max_minutes={self.max_minutes!r}: must be > 0 or None")
         check(p, isinstance(self.log_every, int) and self.log_every >= 0, f"log_every={self.log_every!r}: must be >= 0")
-        check(p, self.distributed in DISTRIBUTED,
-              f"distributed={self.distributed!r}: expected one of {DISTRIBUTED} (Ray Train is a TODO hook)")
+        check(p, self.distributed in DISTRIBUTED, f"distributed={self.distributed!r}: expected one of {DISTRIBUTED}")
+        num_workers_ok = isinstance(self.num_workers, int) and not isinstance(self.num_workers, bool) \
+            and self.num_workers >= 1
+        check(p, num_workers_ok, f"num_workers={self.num_workers!r}: must be an int >= 1")
+        if num_workers_ok and self.distributed == "ray_train" and isinstance(self.batch_size, int) \
+                and self.batch_size >= 1:
+            check(p, self.batch_size % self.num_workers == 0,
+                  f"batch_size={self.batch_size} with num_workers={self.num_workers}: distributed='ray_train' "
+                  f"needs batch_size to be a multiple of num_workers (per-rank batch = batch_size // num_workers)")
         if p:
             raise ConfigError(p, config="SurrogateConfig")
 
@@ -471,7 +487,7 @@ class BERT4Rec(_Encoder):
         """Mean cloze CE with fresh random masks (training only)."""
         t = min(batch["labels"].shape[1], self.cfg.max_len)
         m = torch.rand(batch["labels"].shape[0], t, generator=generator) < self.cfg.mask_prob
-        return self._cloze_loss(batch, m).mean()
+        return self._cloze_loss(batch, m.to(batch["labels"].device)).mean()
 
     def score_next(self, batch: Mapping[str, Tensor]) -> Tensor:
         """Logits at an appended [MASK] after each history, [B, n_items]."""
@@ -554,16 +570,16 @@ def evaluate_ranking(model: Surrogate, batches: list[dict[str, Tensor]], *, k: i
     disc = 1.0 / torch.log2(torch.arange(k, dtype=torch.float64) + 2.0)
     try:
         for b in batches:
-            tg = b["targets"]
+            tg = b["targets"].cpu()  # no-op on CPU; the hit counting runs on the CPU
             has = (tg >= 0).any(1)
             if not has.any():
                 continue
             scores = model.score_next(b).double()
             seen = b["seen"]
-            rows = torch.arange(seen.shape[0])[:, None].expand_as(seen)
+            rows = torch.arange(seen.shape[0], device=seen.device)[:, None].expand_as(seen)
             ok = seen >= 0
             scores[rows[ok], seen[ok]] = -float("inf")
-            top = scores.topk(min(k, scores.shape[1]), dim=1).indices  # [B, k]
+            top = scores.topk(min(k, scores.shape[1]), dim=1).indices.cpu()  # [B, k]
             hit = torch.zeros_like(top, dtype=torch.bool)
             for j in range(tg.shape[1]):
                 t = tg[:, j:j + 1]
@@ -583,6 +599,42 @@ def evaluate_ranking(model: Surrogate, batches: list[dict[str, Tensor]], *, k: i
 # --------------------------------------------------------------------------- training
 
 
+class _TrainStep(nn.Module):
+    """``forward(batch, generator) = model.training_loss(batch, generator)``.
+
+    The module a data-parallel wrapper (DDP via ``ray.train.torch.prepare_model``) is given:
+    DDP synchronises the gradients of what its ``forward`` computes, and the surrogates expose
+    their objective as ``training_loss``. Parameters are the model's own (prefix ``model.``)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: Mapping[str, Tensor], generator: torch.Generator | None = None) -> Tensor:
+        return self.model.training_loss(batch, generator)
+
+
+def _rank_seed(seed: int, rank: int) -> int:
+    """A seed derived from (seed, rank) for ranks > 0 (rank 0 keeps ``seed``'s own stream)."""
+    return int(np.random.SeedSequence([int(seed), int(rank)]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def _dist_all_gather(obj: Any) -> list[Any]:
+    """Default ``reduce_fn``: ``torch.distributed.all_gather_object`` over the default group."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ConfigError(["world_size > 1 needs an initialised torch.distributed process group "
+                           "(Ray Train creates one) or an explicit reduce_fn"], config="train_surrogate")
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _no_log(_: str) -> None:
+    return None
+
+
 def train_surrogate(
     samples: pa.Table | Mapping[str, np.ndarray],
     n_items: int,
@@ -590,51 +642,111 @@ def train_surrogate(
     *,
     valid: pa.Table | Mapping[str, np.ndarray] | None = None,
     log: Callable[[str], None] = print,
+    rank: int = 0,
+    world_size: int = 1,
+    wrap_model: Callable[[nn.Module], nn.Module] | None = None,
+    reduce_fn: Callable[[Any], list[Any]] | None = None,
 ) -> tuple[SASRec | BERT4Rec, list[dict[str, float]]]:
-    """Train a surrogate on all samples; a pure function (no Ray).
+    """Train a surrogate on all samples; a pure function (no Ray), also the loop of one data-parallel rank.
 
     Objective: J(theta) = mean_s L_s(theta) + (weight_decay/2)||theta||^2 (Adam with coupled
     L2), dropout on. Early stopping on validation Recall@K (full ranking, seen items masked);
     the best checkpoint is returned. Without ``valid`` the last epoch is returned.
 
+    Data parallel (``world_size`` > 1; jobs/surrogate_train.py runs it under Ray Train): every
+    rank draws the same seeded epoch permutation, pads it cyclically to a multiple of
+    ``world_size`` (as torch's DistributedSampler does, so every rank runs the same number of
+    steps) and takes ``perm[rank::world_size]`` in batches of ``cfg.batch_size // world_size``;
+    with DDP's gradient averaging one step equals a local step on ``cfg.batch_size`` samples.
+    Rank 0 runs the validation; its Recall/NDCG, the summed train loss and the time-box flag
+    reach every rank through ``reduce_fn``, so every rank takes the same early-stopping
+    decision, keeps the same best state and returns the same (unwrapped) model. Dropout (and
+    BERT4Rec's training masks) use a per-(seed, rank) stream; rank 0's is the local one, so
+    ``world_size=1`` gives exactly the local result. Only rank 0 logs.
+
     Args:
         samples: canonical samples (Table or dict of numpy).
         n_items: catalogue size.
         cfg: validated :class:`SurrogateConfig`.
-        valid: optional valid table (history, targets) for early stopping.
+        valid: optional valid table (history, targets) for early stopping; read on rank 0 only
+            (other ranks may pass None).
         log: receives one progress/metrics line at a time.
+        rank: this process's data-parallel rank (0..world_size-1).
+        world_size: number of data-parallel ranks; ``cfg.batch_size`` must be a multiple of it.
+        wrap_model: applied once to the module whose ``forward(batch, generator)`` returns the
+            training loss, e.g. ``ray.train.torch.prepare_model`` (DDP; may also move it to the
+            rank's device; batches follow the parameters' device). None = no wrapper.
+        reduce_fn: an all-gather of one picklable object per rank: ``reduce_fn(obj)`` returns
+            the list of every rank's object in rank order, the same on every rank. Called once
+            per epoch (and once per batch when ``cfg.max_minutes`` is set). None = ``torch.distributed.
+            all_gather_object`` when ``world_size`` > 1 (needs an initialised process group).
 
     Returns:
         (model in eval mode, list of per-epoch metric dicts: epoch, train_loss, recall, ndcg, seconds).
+        With ``world_size`` > 1, ``train_loss`` is the mean over all ranks' samples.
 
     Raises:
-        ConfigError: bad config or n_items. DataError: malformed samples or item ids >= n_items.
+        ConfigError: bad config, n_items, rank/world_size. DataError: malformed samples or item ids >= n_items.
     """
     cfg.validate()
-    model = build_surrogate(n_items, cfg)
+    bad_rank: list[str] = []
+    check(bad_rank, isinstance(world_size, int) and world_size >= 1, f"world_size={world_size!r}: must be an int >= 1")
+    check(bad_rank, isinstance(rank, int) and isinstance(world_size, int) and 0 <= rank < max(world_size, 1),
+          f"rank={rank!r}: must be in 0..world_size-1 (world_size={world_size!r})")
+    if not bad_rank:
+        check(bad_rank, cfg.batch_size % world_size == 0,
+              f"batch_size={cfg.batch_size} is not a multiple of world_size={world_size} "
+              f"(per-rank batch = batch_size // world_size)")
+    if bad_rank:
+        raise ConfigError(bad_rank, config="train_surrogate")
+    distributed = world_size > 1
+    if distributed and reduce_fn is None:
+        reduce_fn = _dist_all_gather
+    if rank != 0:
+        log = _no_log
+    model = build_surrogate(n_items, cfg)  # seeds the global RNG with cfg.seed: same init on every rank
+    if rank > 0:
+        torch.manual_seed(_rank_seed(cfg.seed, rank))  # dropout stream of this rank
     enc = encode_samples(samples, max_len=cfg.max_len)
     if enc["labels"].max(initial=-1) >= n_items:
         raise DataError(f"item id >= n_items={n_items}", field="history/target", value=int(enc["labels"].max()))
     n = len(enc["sample_id"])
-    valid_batches = make_batches(valid, batch_size=512, max_len=cfg.max_len) if valid is not None else None
+    step: nn.Module = _TrainStep(model)
+    if wrap_model is not None:
+        step = wrap_model(step)
+    device = next(model.parameters()).device
+    on_cpu = device.type == "cpu"
+
+    def to_device(b: dict[str, Tensor]) -> dict[str, Tensor]:
+        return b if on_cpu else {k: v.to(device, non_blocking=True) for k, v in b.items()}
+
+    valid_batches = None
+    if valid is not None and rank == 0:
+        valid_batches = [to_device(b) for b in make_batches(valid, batch_size=512, max_len=cfg.max_len)]
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     rng = np.random.default_rng(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed if rank == 0 else _rank_seed(cfg.seed, rank))
     history: list[dict[str, float]] = []
     best, best_state, bad = -1.0, None, 0
     t_start = time.perf_counter()
-    n_batches = math.ceil(n / cfg.batch_size)
+    per_rank = -(-n // world_size)  # samples per rank and epoch (after cyclic padding)
+    batch = cfg.batch_size // world_size
+    n_batches = math.ceil(per_rank / batch)
     log(f"[surrogate] {cfg.model}: {sum(p.numel() for p in model.parameters()):,} parameters, "
-        f"{n:,} samples, {n_items:,} items, {n_batches} batches/epoch")
+        f"{n:,} samples, {n_items:,} items, {n_batches} batches/epoch"
+        + (f" per rank ({world_size} ranks x {batch} samples, {per_rank * world_size - n} padded)"
+           if distributed else ""))
     for epoch in range(1, cfg.epochs + 1):
-        model.train()
+        step.train()
         t0 = time.perf_counter()
         perm = rng.permutation(n)
+        if distributed:
+            perm = np.resize(perm, per_rank * world_size)[rank::world_size]
         tot, seen = 0.0, 0
         timed_out = False
-        for bi, s in enumerate(range(0, n, cfg.batch_size)):
-            b = _slice_encoded(enc, perm[s:s + cfg.batch_size])
-            loss = model.training_loss(b, gen)
+        for bi, s in enumerate(range(0, len(perm), batch)):
+            b = to_device(_slice_encoded(enc, perm[s:s + batch]))
+            loss = step(b, gen)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -643,18 +755,29 @@ def train_surrogate(
             if cfg.log_every and (bi + 1) % cfg.log_every == 0:
                 log(f"[surrogate] epoch {epoch} batch {bi + 1}/{n_batches} loss {tot / seen:.4f} "
                     f"({time.perf_counter() - t0:.0f}s)")
-            if cfg.max_minutes is not None and time.perf_counter() - t_start > cfg.max_minutes * 60:
-                timed_out = True
-                break
+            if cfg.max_minutes is not None:
+                over = time.perf_counter() - t_start > cfg.max_minutes * 60
+                if distributed:
+                    over = any(reduce_fn(over))  # every rank stops after the same batch
+                if over:
+                    timed_out = True
+                    break
+        val = evaluate_ranking(model, valid_batches, k=cfg.eval_k) if valid_batches is not None else None
+        if distributed:
+            parts = reduce_fn({"loss_sum": tot, "seen": seen, "timed_out": timed_out,
+                               "valid": None if val is None else {"recall": val["recall"], "ndcg": val["ndcg"]}})
+            tot = float(sum(p["loss_sum"] for p in parts))
+            seen = int(sum(p["seen"] for p in parts))
+            timed_out = any(p["timed_out"] for p in parts)
+            val = parts[0]["valid"]
         m: dict[str, float] = {"epoch": float(epoch), "train_loss": tot / max(seen, 1)}
-        if valid_batches is not None:
-            r = evaluate_ranking(model, valid_batches, k=cfg.eval_k)
-            m.update(recall=r["recall"], ndcg=r["ndcg"])
+        if val is not None:
+            m.update(recall=val["recall"], ndcg=val["ndcg"])
         m["seconds"] = time.perf_counter() - t0
         history.append(m)
         log(f"[surrogate] epoch {epoch}/{cfg.epochs} " + " ".join(
             f"{k}={v:.4f}" for k, v in m.items() if k != "epoch") + (" (time box reached)" if timed_out else ""))
-        if valid_batches is not None:
+        if val is not None:
             if m["recall"] > best:
                 best, bad = m["recall"], 0
                 best_state = copy.deepcopy(model.state_dict())

@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "finetune": ("jobs.finetune", "fine-tune the LoRA LLM on a selected subset (Ray Train + DeepSpeed)"),
     "evaluate": ("jobs.evaluate", "generate, ground to items and compute Recall/NDCG@K"),
     "tune": ("jobs.tune", "Ray Tune over lambda and K on cached scores"),
+    "train-surrogate": ("jobs.surrogate_train", "train the surrogate recommender alone (on the driver or Ray Train)"),
 }
 
 

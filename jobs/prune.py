@@ -68,10 +68,10 @@ STAGE_OUTPUTS = {
 class ScaleConfig:
     """How the scoring stages are spread over the cluster."""
 
-    influence_actors: int = field(default=0, metadata={"help": "surrogate actor pool size (0 = auto: CPUs - 1)"})
+    influence_actors: int = field(default=0, metadata={"help": "surrogate actor pool size (0 = auto: one per influence-cpus CPUs)"})
     influence_cpus: float = field(default=1.0, metadata={"help": "CPUs per surrogate actor"})
     influence_batch_size: int = field(default=256, metadata={"help": "samples per surrogate batch"})
-    effort_actors: int = field(default=0, metadata={"help": "LLM actor pool size (0 = auto: one per GPU, else CPUs - 1)"})
+    effort_actors: int = field(default=0, metadata={"help": "LLM actor pool size (0 = auto: one per GPU, else one per effort-cpus CPUs)"})
     effort_cpus: float = field(default=1.0, metadata={"help": "CPUs per LLM actor"})
     effort_gpus: float = field(default=-1.0, metadata={"help": "GPUs per LLM actor (-1 = 1 where the cluster has GPUs)"})
     effort_batch_size: int = field(default=64, metadata={"help": "samples per Ray Data batch sent to an LLM actor"})
@@ -129,6 +129,9 @@ def add_arguments(p: argparse.ArgumentParser, *, defaults: dict | None = None) -
     g = p.add_argument_group("surrogate + influence")
     g.add_argument("--surrogate", default="sasrec", help="surrogate model: sasrec | bert4rec")
     g.add_argument("--surrogate-epochs", type=int, default=None, help="max surrogate training epochs")
+    g.add_argument("--surrogate-train", default="local", choices=("local", "ray_train"),
+                   help="train the surrogate on the driver (small data) or on Ray Train with DDP (large data)")
+    g.add_argument("--surrogate-workers", type=int, default=2, help="Ray Train workers (with --surrogate-train ray_train)")
     g.add_argument("--solver", default="cg", help="inverse-HVP solver: cg | lissa | exact")
     g.add_argument("--damping", type=float, default=None, help="damping d of (H + dI)^-1 (an L2 term of the objective)")
     g = p.add_argument_group("LLM (effort)")
@@ -148,7 +151,8 @@ def config_from_args(args: argparse.Namespace) -> PruneJobConfig:
     budget, ratio = args.budget, args.ratio
     if budget is None and ratio is None:
         budget = 1024
-    sur_kw = {"model": args.surrogate, "seed": args.seed}
+    sur_kw = {"model": args.surrogate, "seed": args.seed, "distributed": args.surrogate_train,
+              "num_workers": args.surrogate_workers}
     if args.surrogate_epochs is not None:
         sur_kw["epochs"] = args.surrogate_epochs
     inf_kw = {"solver": args.solver}
@@ -211,12 +215,21 @@ def _init_ray():
     return ray
 
 
-def _auto_actors(ray, requested: int, cpus_per_actor: float) -> int:
-    if requested:
-        return requested
-    total = ray.cluster_resources().get("CPU", 1.0)
-    # Leave one CPU for the read tasks: a pool that takes every CPU starves them (STACK.md).
-    return max(1, int((total - 1) // cpus_per_actor))
+def pool_size(ray, requested: int, cpus_per_actor: float) -> tuple[int, float]:
+    """Actor count and CPUs per actor for a scoring pool.
+
+    ``requested`` = 0 sizes the pool to the cluster: one actor per ``cpus_per_actor`` CPUs,
+    each asking for slightly less so that the small read tasks (actors.shards.READ_CPUS)
+    always find room beside the pool; a pool that takes every CPU starves them (STACK.md).
+    """
+    from actors.shards import READ_CPUS
+
+    total = float(ray.cluster_resources().get("CPU", 1.0))
+    n = requested or max(1, int(total // cpus_per_actor))
+    per = cpus_per_actor
+    if n * per > total - READ_CPUS:
+        per = max(0.05, (total - READ_CPUS) / n)
+    return n, round(per, 4)
 
 
 def run_prune(cfg: PruneJobConfig, *, log=print) -> dict:
@@ -228,6 +241,8 @@ def run_prune(cfg: PruneJobConfig, *, log=print) -> dict:
     data, out = Path(cfg.data), Path(cfg.out)
     files = sample_files(data)
     meta = read_meta(data)
+    n_samples = int(sum(pq.read_metadata(f).num_rows for f in files))
+    cfg.selection.validate(n_samples)  # budget vs data, before any work
     run = RunDir(out, STAGE_OUTPUTS)
     hashes = stage_hashes(cfg, _data_fingerprint(data))
     done = run.check(hashes, overwrite=cfg.overwrite)
@@ -244,13 +259,20 @@ def run_prune(cfg: PruneJobConfig, *, log=print) -> dict:
     # 1. surrogate, on the driver ------------------------------------------------------
     if need_sur and not run.done("surrogate"):
         t0 = time.perf_counter()
-        samples = read_samples(data)
-        valid = read_split(data, "valid")
-        log(f"[surrogate] training {cfg.surrogate.model} on {samples.num_rows} samples, {n_items} items")
-        model, history = sur.train_surrogate(samples, n_items, cfg.surrogate, valid=valid, log=log)
         run.path("surrogate").mkdir(exist_ok=True)
+        if cfg.surrogate.distributed == "ray_train":
+            from jobs.surrogate_train import train_surrogate_ray
+
+            log(f"[surrogate] training {cfg.surrogate.model} on Ray Train, {cfg.surrogate.num_workers} workers")
+            model, history = train_surrogate_ray(str(data), n_items, cfg.surrogate, out_dir=run.path("surrogate"),
+                                                 log=log)
+        else:
+            samples = read_samples(data)
+            valid = read_split(data, "valid")
+            log(f"[surrogate] training {cfg.surrogate.model} on {samples.num_rows} samples, {n_items} items")
+            model, history = sur.train_surrogate(samples, n_items, cfg.surrogate, valid=valid, log=log)
+            del samples
         sur.save_surrogate(model, cfg.surrogate, run.path("surrogate"))
-        del samples
         run.finish("surrogate", time.perf_counter() - t0, history=history)
 
     # 2. v = (H + dI)^-1 g_bar, once, on the driver --------------------------------------
@@ -271,15 +293,15 @@ def run_prune(cfg: PruneJobConfig, *, log=print) -> dict:
         t0 = time.perf_counter()
         state_ref = ray.put(sur.surrogate_payload(run.path("surrogate")))
         v_ref = ray.put(np.load(run.path("ihvp") / "v.npy"))
-        n = int(meta["counts"]["samples"])
+        n = n_samples
+        inf_actors, inf_cpus = pool_size(ray, cfg.scale.influence_actors, cfg.scale.influence_cpus)
         st = score_shards_stage(
             ray, files, run.path("shards/surrogate"), SurrogateScorer,
             constructor_args=(state_ref, v_ref),
             constructor_kwargs={"n_train": n, "batch_size": cfg.scale.influence_batch_size},
             output_columns=("sample_id", "influence", "grand", "el2n"),
             batch_size=cfg.scale.influence_batch_size,
-            num_actors=_auto_actors(ray, cfg.scale.influence_actors, cfg.scale.influence_cpus),
-            num_cpus=cfg.scale.influence_cpus, num_gpus=0.0, cfg=cfg, log=log, name="influence",
+            num_actors=inf_actors, num_cpus=inf_cpus, num_gpus=0.0, cfg=cfg, log=log, name="influence",
         )
         run.finish("surrogate_scores", time.perf_counter() - t0, **st)
 
@@ -291,8 +313,10 @@ def run_prune(cfg: PruneJobConfig, *, log=print) -> dict:
         titles = items.column("title").to_pylist()
         gpus = ray.cluster_resources().get("GPU", 0.0)
         num_gpus = (1.0 if gpus >= 1 else 0.0) if cfg.scale.effort_gpus < 0 else cfg.scale.effort_gpus
-        actors = cfg.scale.effort_actors or (int(gpus // num_gpus) if num_gpus else
-                                             _auto_actors(ray, 0, cfg.scale.effort_cpus))
+        if num_gpus:
+            actors, eff_cpus = cfg.scale.effort_actors or max(1, int(gpus // num_gpus)), cfg.scale.effort_cpus
+        else:
+            actors, eff_cpus = pool_size(ray, cfg.scale.effort_actors, cfg.scale.effort_cpus)
         llm_cfg = replace(cfg.llm, lora_dropout=cfg.llm.lora_dropout)
         # Build the tiny base once on the driver so actors only load it.
         from engine.llm import resolve_base
@@ -305,7 +329,7 @@ def run_prune(cfg: PruneJobConfig, *, log=print) -> dict:
             constructor_kwargs={"micro_batch_size": cfg.scale.effort_micro_batch},
             output_columns=("sample_id", "effort"),
             batch_size=cfg.scale.effort_batch_size, num_actors=max(1, actors),
-            num_cpus=cfg.scale.effort_cpus, num_gpus=num_gpus, cfg=cfg, log=log, name="effort",
+            num_cpus=eff_cpus, num_gpus=num_gpus, cfg=cfg, log=log, name="effort",
         )
         run.finish("effort", time.perf_counter() - t0, llm_base=base, **st)
 

@@ -1,0 +1,153 @@
+"""End-to-end: the prune job's main on real Games (a slice) and on small synthetic data.
+
+Resume, determinism, config refusal and an interrupted run (SIGKILL mid-effort) are
+checked against an uninterrupted reference run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from engine.errors import ConfigError, ResumeError
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
+ROOT = Path(__file__).resolve().parents[2]
+FAST = ["--surrogate-epochs", "2", "--influence-actors", "1", "--effort-actors", "1",
+        "--effort-batch-size", "16", "--influence-batch-size", "32"]
+
+
+def selected_ids(run: Path) -> np.ndarray:
+    return pq.read_table(run / "selected.parquet").column("sample_id").to_numpy()
+
+
+def prune_args(data, out, *extra):
+    from jobs.prune import add_arguments
+    import argparse
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    return p.parse_args(["--data", str(data), "--out", str(out), *FAST, *extra])
+
+
+def run_job(data, out, *extra, cache):
+    from jobs.prune import config_from_args, run_prune
+
+    cfg = config_from_args(prune_args(data, out, "--llm-cache", str(cache), *extra))
+    return run_prune(cfg, log=lambda m: None)
+
+
+@pytest.fixture(scope="module")
+def llm_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("llm-cache")
+
+
+@pytest.mark.realdata
+def test_prune_games_slice_writes_every_output(ray_cluster, games_slice, tmp_path, llm_cache):
+    out = tmp_path / "run"
+    man = run_job(games_slice, out, "--budget", "32", "--lam", "0.3", "--groups", "10", "--prompt", "games",
+                  cache=llm_cache)
+    n = 300
+    scores = pq.read_table(out / "scores.parquet").to_pandas()
+    assert list(scores.sample_id) == list(range(n))
+    for col in ("influence", "effort", "grand", "el2n", "score"):
+        assert np.isfinite(scores[col]).all(), col
+    assert (scores.effort > 0).all() and scores.influence.std() > 0
+    sel = selected_ids(out)
+    assert len(sel) == 32 and len(np.unique(sel)) == 32
+    assert set(scores.group[scores.sample_id.isin(sel)]) <= set(range(10))
+    recs = json.loads((out / "fewshot.json").read_text())
+    assert [r["sample_id"] for r in recs] == sorted(sel.tolist())
+    assert all(r["instruction"] and r["output"] for r in recs)
+    assert "game products" in recs[0]["input"]
+    stages = man["stages"]
+    for s in ("surrogate", "ihvp", "surrogate_scores", "effort", "select", "report"):
+        assert stages[s]["done"] and stages[s]["wall_s"] >= 0, s
+    assert stages["ihvp"]["rel_residual"] >= 0
+    assert (out / "report" / "index.html").exists()
+    assert man["versions"]["torch"] and man["config"]["selection"]["budget"] == 32
+
+
+def test_rerun_skips_stages_and_is_deterministic(ray_cluster, synthetic_small, tmp_path, llm_cache):
+    out = tmp_path / "run"
+    man1 = run_job(synthetic_small, out, "--budget", "40", "--groups", "8", cache=llm_cache)
+    first = selected_ids(out)
+    stamps = {s: man1["stages"][s]["finished_at"] for s in man1["stages"]}
+    shard_mtimes = {p: p.stat().st_mtime_ns for p in (out / "shards").rglob("*.parquet")}
+    man2 = run_job(synthetic_small, out, "--budget", "40", "--groups", "8", cache=llm_cache)
+    assert {s: man2["stages"][s]["finished_at"] for s in man2["stages"]} == stamps
+    assert {p: p.stat().st_mtime_ns for p in (out / "shards").rglob("*.parquet")} == shard_mtimes
+    np.testing.assert_array_equal(selected_ids(out), first)
+    # a fresh run folder, same seed -> identical selection and scores
+    out2 = tmp_path / "run2"
+    run_job(synthetic_small, out2, "--budget", "40", "--groups", "8", cache=llm_cache)
+    np.testing.assert_array_equal(selected_ids(out2), first)
+    a, b = (pq.read_table(o / "scores.parquet").to_pandas() for o in (out, out2))
+    np.testing.assert_allclose(a[["influence", "effort"]], b[["influence", "effort"]], rtol=1e-6, atol=1e-12)
+    # a changed selection config is refused, then recomputed alone with --overwrite
+    with pytest.raises(ResumeError, match="select"):
+        run_job(synthetic_small, out, "--budget", "40", "--groups", "8", "--lam", "2.0", cache=llm_cache)
+    man3 = run_job(synthetic_small, out, "--budget", "40", "--groups", "8", "--lam", "2.0", "--overwrite",
+                   cache=llm_cache)
+    for s in ("surrogate", "ihvp", "surrogate_scores", "effort"):
+        assert man3["stages"][s]["finished_at"] == stamps[s], s
+    assert man3["stages"]["select"]["finished_at"] >= stamps["select"]
+
+
+def test_config_errors_are_reported_together_before_any_work(tmp_path):
+    from jobs.prune import config_from_args
+
+    args = prune_args(tmp_path / "missing", tmp_path / "out", "--budget", "0", "--groups", "0", "--lam", "-1",
+                      "--method", "nope", "--solver", "bogus")
+    with pytest.raises(ConfigError) as e:
+        config_from_args(args)
+    msg = str(e.value)
+    for needle in ("budget", "groups", "lam", "nope", "bogus", "dealrec prepare"):
+        assert needle in msg, needle
+    assert not (tmp_path / "out").exists()
+
+
+def test_budget_larger_than_data_refused_before_work(ray_cluster, synthetic_small, tmp_path, llm_cache):
+    with pytest.raises(ConfigError, match="budget"):
+        run_job(synthetic_small, tmp_path / "run", "--budget", "100000", cache=llm_cache)
+    assert not (tmp_path / "run" / "surrogate").exists()
+
+
+def test_killed_run_resumes_without_rescoring(ray_cluster, synthetic_small, tmp_path, llm_cache):
+    ref = tmp_path / "ref"
+    run_job(synthetic_small, ref, "--budget", "40", cache=llm_cache)
+    out = tmp_path / "killed"
+    env = {**os.environ, "RAY_ADDRESS": "local", "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, str(ROOT / "jobs" / "prune.py"), "--data", str(synthetic_small), "--out", str(out),
+           "--budget", "40", "--llm-cache", str(llm_cache), *FAST]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    shards = out / "shards" / "effort"
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if shards.exists() and len(list(shards.glob("*.parquet"))) >= 2:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the job finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(1.0)
+    done_before = {p.name: p.stat().st_mtime_ns for p in shards.glob("*.parquet")}
+    assert 2 <= len(done_before) < 8
+    assert not (out / "selected.parquet").exists()
+    man = run_job(synthetic_small, out, "--budget", "40", cache=llm_cache)
+    after = {p.name: p.stat().st_mtime_ns for p in shards.glob("*.parquet")}
+    assert {k: after[k] for k in done_before} == done_before  # finished shards were not rescored
+    assert man["stages"]["effort"]["shards_skipped"] == len(done_before)
+    assert man["stages"]["effort"]["rows_written"] == 240 - sum(
+        pq.read_metadata(shards / k).num_rows for k in done_before)
+    np.testing.assert_array_equal(selected_ids(out), selected_ids(ref))
