@@ -126,6 +126,9 @@ def add_arguments(p: argparse.ArgumentParser, *, defaults: dict | None = None) -
     g.add_argument("--hard-prune", type=float, default=0.1, help="fraction of top scores dropped first (0 disables)")
     g.add_argument("--method", default="dealrec", help=f"selector: {', '.join(METHODS)}")
     g.add_argument("--seed", type=int, default=0, help="seed of every random choice")
+    g.add_argument("--best-config", default=None,
+                   help="a best_config.json written by `dealrec tune`: its selection settings (method, lam, "
+                        "groups, budget/ratio, hard_prune) replace the flags above")
     g = p.add_argument_group("surrogate + influence")
     g.add_argument("--surrogate", default="sasrec", help="surrogate model: sasrec | bert4rec")
     g.add_argument("--surrogate-epochs", type=int, default=None, help="max surrogate training epochs")
@@ -133,7 +136,11 @@ def add_arguments(p: argparse.ArgumentParser, *, defaults: dict | None = None) -
                    help="train the surrogate on the driver (small data) or on Ray Train with DDP (large data)")
     g.add_argument("--surrogate-workers", type=int, default=2, help="Ray Train workers (with --surrogate-train ray_train)")
     g.add_argument("--solver", default="cg", help="inverse-HVP solver: cg | lissa | exact")
-    g.add_argument("--damping", type=float, default=None, help="damping d of (H + dI)^-1 (an L2 term of the objective)")
+    g.add_argument("--damping", type=float, default=0.01,
+                   help="damping d of (H + dI)^-1 (an L2 term of the objective); the authors' value 0.01")
+    g.add_argument("--ihvp-max-iter", type=int, default=50, help="cg: maximum iterations (each is one Hessian pass)")
+    g.add_argument("--hessian-samples", type=int, default=4096,
+                   help="samples in the fixed subsampled Hessian of the iHVP (0 = all)")
     g = p.add_argument_group("LLM (effort)")
     g.add_argument("--llm", default="tiny", help="'tiny' (offline, built from a config) or a local HF causal-LM folder")
     g.add_argument("--adapter", default=None, help="a peft LoRA adapter folder to start from")
@@ -148,6 +155,8 @@ def add_arguments(p: argparse.ArgumentParser, *, defaults: dict | None = None) -
 
 def config_from_args(args: argparse.Namespace) -> PruneJobConfig:
     """Build and validate every stage config; raise one ConfigError listing all problems."""
+    if getattr(args, "best_config", None):
+        _apply_best_config(args)
     budget, ratio = args.budget, args.ratio
     if budget is None and ratio is None:
         budget = 1024
@@ -155,9 +164,8 @@ def config_from_args(args: argparse.Namespace) -> PruneJobConfig:
               "num_workers": args.surrogate_workers}
     if args.surrogate_epochs is not None:
         sur_kw["epochs"] = args.surrogate_epochs
-    inf_kw = {"solver": args.solver}
-    if args.damping is not None:
-        inf_kw["damping"] = args.damping
+    inf_kw = {"solver": args.solver, "damping": args.damping, "max_iter": args.ihvp_max_iter,
+              "hessian_samples": args.hessian_samples or None}
     llm_kw = {"model": args.llm, "adapter": args.adapter, "seed": args.seed,
               "cache_dir": str(Path(args.llm_cache).resolve())}
     builders = [
@@ -180,6 +188,25 @@ def config_from_args(args: argparse.Namespace) -> PruneJobConfig:
     raise_if(problems, config="prune job")
     return PruneJobConfig(data=str(Path(args.data).resolve()), out=str(Path(args.out).resolve()),
                           overwrite=args.overwrite, **built)
+
+
+def _apply_best_config(args: argparse.Namespace) -> None:
+    """Overwrite the selection flags with the ``selection`` block of a tune run's best_config.json."""
+    p = Path(args.best_config)
+    try:
+        sel = json.loads(p.read_text())["selection"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError([f"best_config: cannot read a 'selection' block from {str(p)!r} ({e})"],
+                          config="prune job") from None
+    unknown = sorted(set(sel) - set(SelectionConfig.__dataclass_fields__))
+    if unknown:
+        raise ConfigError([f"best_config: unknown selection field(s) {unknown} in {str(p)!r}"], config="prune job")
+    if sel.get("budget") is not None:
+        args.ratio = None
+    if sel.get("ratio") is not None:
+        args.budget = None
+    for k, v in sel.items():
+        setattr(args, k, v)
 
 
 def _validated(cfg: SelectionConfig) -> SelectionConfig:

@@ -13,21 +13,39 @@ from engine.data.schema import PreparedWriter, atomic_dir, read_items, read_samp
 
 
 def write_slice(src: Path, out: Path, n_users: int, *, rows_per_file: int = 64) -> Path:
-    """The first ``n_users`` samples of a prepared folder (renumbered), all items, their valid/test rows."""
+    """The first ``n_users`` samples of a prepared folder (renumbered) with their valid/test rows.
+
+    The catalogue is cut to the items these users touch (re-indexed densely, titles kept),
+    so that the surrogate's full softmax stays small enough for the default test suite.
+    """
     samples = read_samples(src).slice(0, n_users)
     users = samples.column("user_id")
     items = read_items(src)
+    splits = {}
+    for split in ("valid", "test"):
+        t = read_split(src, split)
+        splits[split] = t.filter(pc.is_in(t.column("user_id"), value_set=users))
+    used = [samples.column("target").to_numpy(), samples.column("history").combine_chunks().flatten().to_numpy()]
+    for t in splits.values():
+        used += [t.column("targets").combine_chunks().flatten().to_numpy(),
+                 t.column("history").combine_chunks().flatten().to_numpy()]
+    keep = np.unique(np.concatenate(used))
+    remap = np.full(items.num_rows, -1, dtype=np.int64)
+    remap[keep] = np.arange(len(keep))
+
+    def ids(lists):
+        return [remap[np.asarray(x, dtype=np.int64)].astype(np.int32) for x in lists]
+
     with atomic_dir(out) as tmp:
         w = PreparedWriter(tmp, rows_per_file=rows_per_file)
-        w.add_samples(users.to_pylist(), samples.column("history").to_pylist(), samples.column("target").to_numpy())
-        w.write_items(items.column("item_id").to_numpy(), items.column("title").to_pylist(),
-                      items.column("category").to_pylist())
-        for split in ("valid", "test"):
-            t = read_split(src, split)
-            t = t.filter(pc.is_in(t.column("user_id"), value_set=users))
-            w.write_split(split, t.column("user_id").to_pylist(), t.column("history").to_pylist(),
-                          t.column("targets").to_pylist())
-        w.close({"source": f"slice of {src}", "counts": {"items": items.num_rows}})
+        w.add_samples(users.to_pylist(), ids(samples.column("history").to_pylist()),
+                      remap[samples.column("target").to_numpy()])
+        w.write_items(np.arange(len(keep)), [items.column("title")[int(i)].as_py() for i in keep],
+                      [items.column("category")[int(i)].as_py() for i in keep])
+        for split, t in splits.items():
+            w.write_split(split, t.column("user_id").to_pylist(), ids(t.column("history").to_pylist()),
+                          ids(t.column("targets").to_pylist()))
+        w.close({"source": f"slice of {src}", "counts": {"items": int(len(keep))}})
     return out
 
 

@@ -22,7 +22,7 @@ from engine.errors import ConfigError, ResumeError
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 ROOT = Path(__file__).resolve().parents[2]
-FAST = ["--surrogate-epochs", "2", "--influence-actors", "1", "--effort-actors", "1",
+FAST = ["--surrogate-epochs", "2", "--ihvp-max-iter", "10", "--influence-actors", "1", "--effort-actors", "1",
         "--effort-batch-size", "16", "--influence-batch-size", "32"]
 
 
@@ -151,3 +151,19 @@ def test_killed_run_resumes_without_rescoring(ray_cluster, synthetic_small, tmp_
     assert man["stages"]["effort"]["rows_written"] == 240 - sum(
         pq.read_metadata(shards / k).num_rows for k in done_before)
     np.testing.assert_array_equal(selected_ids(out), selected_ids(ref))
+
+
+def test_best_config_from_tune_sets_the_selection(tmp_path):
+    from jobs.prune import config_from_args
+
+    data = tmp_path / "data"
+    data.mkdir()
+    best = tmp_path / "best_config.json"
+    best.write_text(json.dumps({"selection": {"method": "ccs", "budget": 77, "lam": 0.7, "groups": 12,
+                                              "hard_prune": 0.05, "seed": 4}}))
+    cfg = config_from_args(prune_args(data, tmp_path / "out", "--ratio", "0.5", "--best-config", str(best)))
+    s = cfg.selection
+    assert (s.method, s.budget, s.ratio, s.lam, s.groups, s.hard_prune, s.seed) == ("ccs", 77, None, 0.7, 12, 0.05, 4)
+    best.write_text(json.dumps({"selection": {"lamda": 1}}))
+    with pytest.raises(ConfigError, match="lamda"):
+        config_from_args(prune_args(data, tmp_path / "out", "--best-config", str(best)))

@@ -1,0 +1,200 @@
+"""Selection-quality benchmark and the text-encoder fine-tune job, on a tiny BERT (no Ray, seconds).
+
+The benchmark's --dry-run-tiny runs every selector, the effort scores, fine-tunes, evaluation and
+the table on a synthetic data set; the job's local strategy is checked against the engine's loss
+and against a reload of its exported adapter. The 2-worker DDP/DeepSpeed path is in
+tests/ray/test_finetune_textrec.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from engine import text_encoder as te
+from engine.errors import ConfigError, ResumeError
+from jobs import finetune_textrec as ftr
+
+
+def _load_benchmark():
+    """benchmarks/ is a folder of scripts, not a package: load the module from its file."""
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "selection_quality.py"
+    spec = importlib.util.spec_from_file_location("selection_quality", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("selection_quality", mod)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+sq = _load_benchmark()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: threads only add contention on a shared 2-core machine
+    yield
+    torch.set_num_threads(prev)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return sq.make_tiny_dataset(tmp_path_factory.mktemp("sq-tiny"), n_users=96)
+
+
+def _tc(enc, **kw) -> dict:
+    return {"model": str(enc), "max_len_user": 48, "max_len_item": 8, "n_negatives": 4, "epochs": 2,
+            "batch_size": 8, "lr": 2e-2, **kw}
+
+
+@pytest.mark.timeout(180)
+def test_dry_run_tiny_end_to_end_and_resume(tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert sq.main(["--dry-run-tiny", "--out", str(out), "--seeds", "0", "1"]) == 0
+    results = sorted((out / "results").glob("*.json"))
+    assert len(results) == len(sq.METHODS) * 2 + 2 + 1  # every (method, seed), full-data per seed, zero-shot
+    md = (out / "table.md").read_text()
+    for m in (*sq.METHODS, "full-data", "zero-shot"):
+        assert f"| {m} |" in md
+    rows = list(__import__("csv").DictReader(open(out / "table.csv")))
+    by = {(r["method"], r["metric"]): r for r in rows}
+    assert by[("random", "ndcg@20")]["rel_diff_vs_random"] == ""
+    d = by[("dealrec", "ndcg@20")]
+    assert float(d["ci_low"]) <= float(d["rel_diff_vs_random"]) <= float(d["ci_high"])
+    assert 0 < float(d["p_value"]) <= 1
+    assert (out / "table.png").stat().st_size > 1000
+    eff = pq.read_table(out / "effort.parquet")
+    assert eff.num_rows == 160 and np.all(eff.column("effort").to_numpy() > 0)
+    # subsets have the budget; the walltime full-data run used a time budget
+    rec = json.loads((out / "results" / "dealrec__seed0.json").read_text())
+    assert rec["n_train"] == 24 and rec["users"] == 160
+    full = json.loads((out / "results" / "full-data__seed0.json").read_text())
+    assert full["n_train"] == 160 and full["time_budget_s"] is not None
+    # the same users for every run (paired comparisons)
+    u0 = np.load(out / "results" / "random__seed0.npz")["user_ids"]
+    assert np.array_equal(u0, np.load(out / "results" / "greedy__seed1.npz")["user_ids"])
+
+    capsys.readouterr()
+    before = (out / "table.csv").read_text()
+    assert sq.main(["--dry-run-tiny", "--out", str(out), "--seeds", "0", "1"]) == 0
+    log = capsys.readouterr().out
+    assert log.count("done before, skipped") == len(results)
+    assert (out / "table.csv").read_text() == before
+
+    assert sq.main(["--dry-run-tiny", "--out", str(out), "--seeds", "0", "1", "--budget", "30"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_bench_config_reports_every_problem(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        sq.BenchConfig(data=str(tmp_path), out=str(tmp_path), budget=10, ratio=0.1, methods=("dealrec", "magic"),
+                       full_data="never", seeds=(1, 1))
+    msg = str(e.value)
+    for word in ("exactly one of budget", "magic", "include 'random'", "full_data", "seeds", "--scores"):
+        assert word in msg
+
+
+def test_pool_is_seeded_and_scores_are_restricted(tiny, tmp_path):
+    data, enc, scores = tiny
+    cfg = sq.BenchConfig(data=str(data), out=str(tmp_path), budget=8, pool=40, scores=str(scores), model=str(enc))
+    ids = sq.candidate_ids(cfg, 96)
+    assert len(ids) == 40 and np.array_equal(ids, np.unique(ids)) and np.array_equal(ids, sq.candidate_ids(cfg, 96))
+    s = sq.load_prune_scores(str(scores), ids, 96)
+    full = pq.read_table(scores).column("influence").to_numpy()
+    np.testing.assert_array_equal(s["influence"], full[ids])
+
+
+def test_sharded_loss_with_one_rank_is_train_loss(tiny):
+    data, enc, _ = tiny
+    model = te.build_model(_tc(enc, init_lora_weights=False))
+    from engine.data.schema import read_items, read_samples
+
+    cat = te.Catalogue.from_titles(read_items(data).column("title").to_pylist())
+    s = read_samples(data).slice(0, 8)
+    h, t = s.column("history").to_pylist(), np.asarray(s.column("target").to_pylist())
+    t[3] = t[5]  # a duplicate target is masked in both
+    b = te.collate_train(model.tokenizer, cat, h, t, model.cfg)
+    with torch.no_grad():
+        torch.testing.assert_close(ftr.sharded_train_loss(model, b, b["target_groups"], rank=0, world=1),
+                                   te.train_loss(model, b))
+
+
+def test_finetune_local_exports_reloadable_adapter_and_resumes(tiny, tmp_path):
+    data, enc, _ = tiny
+    cfg = ftr.TextFinetuneConfig(data=str(data), out=str(tmp_path / "ft"), sample_ids=list(range(0, 96, 2)),
+                                 textrec=_tc(enc), strategy="local", ks=(5, 10), max_eval_users=40)
+    res = ftr.fit(cfg, log=None)
+    assert res["trained"] and res["evaluated"]
+    tr = res["train"]
+    assert tr["n_train"] == 48 and tr["optimizer_steps"] == 2 * (48 // 8) and len(tr["train_losses"]) == 2
+    assert all(np.isfinite(tr["train_losses"]))
+    out = Path(cfg.out)
+    assert (out / "adapter" / "adapter_config.json").exists()
+    m = json.loads((out / "metrics.json").read_text())
+    pu = ftr.read_per_user(out)
+    assert m["users"] == 40 and len(pu["user_ids"]) == 40
+    np.testing.assert_allclose(pu["ndcg@10"].mean(), m["ndcg@10"])
+    # the exported adapter reproduces the metrics; the pretrained model alone does not carry them
+    again = ftr.evaluate_adapter(cfg, out / "adapter")
+    assert again["ndcg@10"] == pytest.approx(m["ndcg@10"])
+    with pytest.raises(Exception):
+        ftr.load_adapter(te.build_model(_tc(enc)), tmp_path)
+    # rerun: nothing to do; another eval config: evaluate only; another training config: refused
+    res2 = ftr.fit(cfg, log=None)
+    assert not res2["trained"] and not res2["evaluated"]
+    cfg_eval = ftr.TextFinetuneConfig(**{**cfg.to_dict(), "ks": [5]})
+    res3 = ftr.fit(cfg_eval, log=None)
+    assert not res3["trained"] and res3["evaluated"] and "ndcg@10" not in res3["metrics"]
+    cfg_lr = ftr.TextFinetuneConfig(**{**cfg.to_dict(), "textrec": _tc(enc, lr=1e-3)})
+    with pytest.raises(ResumeError, match="--overwrite"):
+        ftr.fit(cfg_lr, log=None)
+
+
+def test_time_budget_stops_training(tiny, tmp_path):
+    data, enc, _ = tiny
+    cfg = ftr.TextFinetuneConfig(data=str(data), out=str(tmp_path / "tb"), all_samples=True,
+                                 textrec=_tc(enc, epochs=50), strategy="local", time_budget_s=1e-6, split="none")
+    res = ftr.fit(cfg, log=None)
+    assert res["train"]["stopped_by_time_budget"] and res["train"]["optimizer_steps"] == 1
+    assert res["metrics"] is None
+
+
+def test_finetune_config_reports_every_problem(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        ftr.TextFinetuneConfig(data=str(tmp_path), out=str(tmp_path), strategy="horovod", zero_stage=3,
+                               selected="x.parquet", all_samples=True, split="train", max_eval_users=0,
+                               textrec={"lora_r": 0, "model": str(tmp_path)})
+    msg = str(e.value)
+    for word in ("strategy", "zero_stage", "exactly one of", "split", "max_eval_users", "lora_r"):
+        assert word in msg
+    with pytest.raises(ConfigError, match="multiple of workers"):
+        ftr.TextFinetuneConfig(data="d", out="o", all_samples=True, strategy="deepspeed", workers=3,
+                               textrec={"model": str(sq.make_tiny_dataset(tmp_path / "t", n_users=8)[1]),
+                                        "batch_size": 8})
+
+
+def test_text_effort_scorer_matches_engine_any_micro_batch(tiny):
+    from actors.text_effort import TextEffortScorer
+    from engine.data.schema import read_items, read_samples
+
+    data, enc, _ = tiny
+    cfg = te.TextRecConfig(**_tc(enc))
+    titles = read_items(data).column("title").to_pylist()
+    s = read_samples(data).slice(10, 12)
+    batch = {"sample_id": np.asarray(s.column("sample_id").to_pylist()),
+             "history": np.asarray(s.column("history").to_pylist(), dtype=object),
+             "target": np.asarray(s.column("target").to_pylist())}
+    a = TextEffortScorer(cfg.to_dict(), titles, micro_batch_size=5)(dict(batch))
+    b = TextEffortScorer(cfg.to_dict(), str(data), micro_batch_size=12)(dict(batch))
+    ref = te.effort_scores(te.build_model(cfg), te.Catalogue.from_titles(titles), s)
+    np.testing.assert_array_equal(a["sample_id"], batch["sample_id"])
+    np.testing.assert_allclose(a["effort"], ref, rtol=1e-4)
+    np.testing.assert_allclose(b["effort"], ref, rtol=1e-4)
