@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from pathlib import Path
 
 from engine.errors import DealrecError
 
@@ -52,6 +53,19 @@ def main(argv: list[str] | None = None) -> int:
         return int(mod.run(args) or 0)
     except DealrecError as e:
         print(f"dealrec {name}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def run_script(add_arguments, run, doc: str | None, argv: list[str] | None = None) -> int:
+    """``python jobs/<name>.py ...``: the job's parser and run, errors printed as one message (exit 2)."""
+    prog = Path(sys.argv[0]).name
+    parser = argparse.ArgumentParser(prog=prog, description=(doc or "").strip().splitlines()[0] if doc else None)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return int(run(args) or 0)
+    except DealrecError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
 
 

@@ -418,10 +418,6 @@ def run(args) -> int:
 
 
 if __name__ == "__main__":
-    _parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(_parser)
-    try:
-        sys.exit(run(_parser.parse_args()))
-    except (ConfigError, DataError, ResumeError) as e:
-        print(f"finetune: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    from jobs.cli import run_script
+
+    sys.exit(run_script(add_arguments, run, __doc__))
