@@ -6,7 +6,7 @@ solves the one inverse-HVP v = (H + dI)^-1 g_bar on the driver, broadcasts it wi
 pool holding the surrogate, streams effort through an actor pool holding LoRA LLM
 replicas, combines, selects, and writes::
 
-    OUT/scores.parquet    sample_id, influence, effort, grand, el2n, score, group
+    OUT/scores.parquet    sample_id, influence, el2n, effort, score, group (+ grand with --method grand)
     OUT/selected.parquet  sample_id
     OUT/fewshot.json      BIGRec Alpaca records of the selected samples
     OUT/manifest.json     full config, versions, per-stage wall times and counts
@@ -49,6 +49,16 @@ from engine.rundir import RunDir, atomic_write_bytes
 from engine.selection import METHODS, SelectionConfig, select
 from engine.surrogate import SurrogateConfig
 from engine.influence import InfluenceConfig
+
+def surrogate_columns(method: str) -> tuple[str, ...]:
+    """The surrogate score columns a method needs. GraNd (a full per-sample gradient of every
+    surrogate parameter) costs many times the influence pass, so it is computed only for
+    method=grand; EL2N is one softmax and always comes along for the report and for tune."""
+    cols = ["influence", "el2n"]
+    if method == "grand":
+        cols.append("grand")
+    return tuple(cols)
+
 
 # Which score columns each selection method needs.
 NEEDS_SURROGATE = {"dealrec", "grand", "el2n", "ccs", "influence-only", "greedy"}
@@ -225,7 +235,7 @@ def stage_hashes(cfg: PruneJobConfig, fingerprint: str) -> dict[str, str]:
     h: dict[str, str] = {}
     h["surrogate"] = stable_hash({"data": fingerprint, "surrogate": cfg.surrogate})
     h["ihvp"] = stable_hash({"up": h["surrogate"], "influence": cfg.influence})
-    h["surrogate_scores"] = stable_hash({"up": h["ihvp"]})
+    h["surrogate_scores"] = stable_hash({"up": h["ihvp"], "columns": surrogate_columns(cfg.method)})
     h["effort"] = stable_hash({"data": fingerprint, "llm": cfg.llm, "prompt": cfg.prompt})
     h["select"] = stable_hash({"up": [h["surrogate_scores"], h["effort"]], "selection": cfg.selection})
     h["report"] = stable_hash({"up": h["select"]})
@@ -325,8 +335,9 @@ def run_prune(cfg: PruneJobConfig, *, log=print) -> dict:
         st = score_shards_stage(
             ray, files, run.path("shards/surrogate"), SurrogateScorer,
             constructor_args=(state_ref, v_ref),
-            constructor_kwargs={"n_train": n, "batch_size": cfg.scale.influence_batch_size},
-            output_columns=("sample_id", "influence", "grand", "el2n"),
+            constructor_kwargs={"n_train": n, "batch_size": cfg.scale.influence_batch_size,
+                                "what": surrogate_columns(cfg.method)},
+            output_columns=("sample_id", *surrogate_columns(cfg.method)),
             batch_size=cfg.scale.influence_batch_size,
             num_actors=inf_actors, num_cpus=inf_cpus, num_gpus=0.0, cfg=cfg, log=log, name="influence",
         )
@@ -407,11 +418,12 @@ def load_scores(run: RunDir, files, n: int) -> dict[str, np.ndarray]:
     from actors.shards import read_shards
 
     scores: dict[str, np.ndarray] = {}
-    for stage, cols in (("surrogate_scores", ("influence", "grand", "el2n")), ("effort", ("effort",))):
+    for stage in ("surrogate_scores", "effort"):
         d = run.path(STAGE_OUTPUTS[stage][0])
         if not run.done(stage):
             continue
         t = read_shards(files, d)
+        cols = [c for c in t.column_names if c != "sample_id"]
         ids = t.column("sample_id").to_numpy()
         if not np.array_equal(ids, np.arange(n)):
             raise DataError("score shards do not cover sample_ids 0..n-1 exactly once", path=d, field="sample_id")

@@ -59,7 +59,7 @@ def test_prune_games_slice_writes_every_output(ray_cluster, games_slice, tmp_pat
     n = 300
     scores = pq.read_table(out / "scores.parquet").to_pandas()
     assert list(scores.sample_id) == list(range(n))
-    for col in ("influence", "effort", "grand", "el2n", "score"):
+    for col in ("influence", "effort", "el2n", "score"):
         assert np.isfinite(scores[col]).all(), col
     assert (scores.effort > 0).all() and scores.influence.std() > 0
     sel = selected_ids(out)
