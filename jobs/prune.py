@@ -30,7 +30,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as `python jobs/prune.py`
@@ -355,7 +355,7 @@ def run_prune(cfg: PruneJobConfig, *, log=print) -> dict:
             actors, eff_cpus = cfg.scale.effort_actors or max(1, int(gpus // num_gpus)), cfg.scale.effort_cpus
         else:
             actors, eff_cpus = pool_size(ray, cfg.scale.effort_actors, cfg.scale.effort_cpus)
-        llm_cfg = replace(cfg.llm, lora_dropout=cfg.llm.lora_dropout)
+        llm_cfg = cfg.llm  # LoRA dropout is off while scoring: the effort engine runs in eval mode
         # Build the tiny base once on the driver so actors only load it.
         from engine.llm import resolve_base
 
