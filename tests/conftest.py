@@ -44,6 +44,18 @@ def movielens_dir(shared_data) -> Path:
     return d
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models: one intra-op torch thread for a module (OpenMP spin-waits make a shared
+    2-core box 10-100x slower); the previous count is restored afterwards."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray instance shared by every Ray test of the session (2 logical CPUs)."""

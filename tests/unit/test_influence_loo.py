@@ -17,13 +17,7 @@ from engine.influence import influence_scores
 
 N, D, LAM = 200, 5, 0.05
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread (OpenMP spin-waits make a shared 2-core box 10-100x slower)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 
