@@ -425,12 +425,9 @@ def train_loop_per_worker(config: dict) -> None:
 
     cfg = TextFinetuneConfig.from_dict(config["cfg"])
     payload = ray.get(config["payload"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    on_gpu = device.type == "cuda"
-    if not on_gpu:
-        torch.set_num_threads(max(1, int(cfg.workers_cpu)))
+    from jobs.worker import worker_setup
+
+    rank, world, device, on_gpu = worker_setup(cfg.workers_cpu)
     model = build_model(replace(cfg.textrec, device=str(device)))
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.strategy == "deepspeed":
