@@ -9,6 +9,7 @@ The LAST two lines are ``influence_speedup_vs_loop: <x>`` and ``influence_cost_v
 
     .venv/bin/python benchmarks/influence.py                  # ~1-3 min on 2 cores
     .venv/bin/python benchmarks/influence.py --batch 64 --items 2000   # tiny CPU variant
+    .venv/bin/python benchmarks/influence.py --loss sampled            # the prune job's default loss
 
 Games (``games``): train SASRec on the DEALRec Games release (49,156 samples, 17,332 items)
 time-boxed, report validation Recall@20 / NDCG@20, solve v by CG (residual, HVPs), LiSSA with
@@ -17,6 +18,7 @@ correlation between influence (CG v) and plain gradient alignment g_bar . grad L
 
     .venv/bin/python benchmarks/influence.py games --train-minutes 8
     .venv/bin/python benchmarks/influence.py games --subset 5000 --train-minutes 2   # small variant
+    .venv/bin/python benchmarks/influence.py games --from-run runs/games   # a prune run's surrogate
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ import torch
 
 from engine.errors import SolverError
 from engine.influence import (
+    InfluenceConfig,
     directional_derivatives,
+    ihvp_batches,
     flatten_params,
     mean_gradient,
     solve_ihvp,
@@ -101,24 +105,33 @@ def speed(args: argparse.Namespace) -> None:
                                                 pa.list_(pa.int32())),
                             "target": rng.integers(0, n_items, args.batch).astype(np.int32)})
         src = "synthetic"
-    model = build_surrogate(n_items, SurrogateConfig()).eval()
+    model = build_surrogate(n_items, SurrogateConfig(loss=args.loss, negatives=args.negatives)).eval()
     batch = make_batches(samples, batch_size=args.batch, max_len=50)[0]
     params = trainable_params(model)
     m = sum(p.numel() for p in params.values())
     v = torch.randn(m) / m ** 0.5
     print(f"data: {src}; batch {args.batch}, T={batch['seq'].shape[1]}, "
-          f"{int((batch['labels'] >= 0).sum())} positions; {n_items} items; {m:,} parameters; "
+          f"{int((batch['labels'] >= 0).sum())} positions; {n_items} items; loss {args.loss}"
+          f"{f' ({args.negatives} negatives)' if args.loss == 'sampled' else ''}; {m:,} parameters; "
           f"torch threads {torch.get_num_threads()}")
+
+    # the batched paths score the 256 samples as the actors do: length-sorted micro-batches
+    micro = make_batches(samples, batch_size=args.micro_batch, max_len=50, order="length")
+    print(f"batched paths: {len(micro)} length-sorted micro-batches of {args.micro_batch} "
+          f"(T = {[int(b['seq'].shape[1]) for b in micro]})")
 
     def fwd():
         with torch.no_grad():
-            surrogate_loss(model, batch)
+            for b in micro:
+                surrogate_loss(model, b)
 
     def jvp_pass():
-        directional_derivatives(model, surrogate_loss, batch, v)
+        for b in micro:
+            directional_derivatives(model, surrogate_loss, b, v)
 
     def fd_pass():
-        directional_derivatives(model, surrogate_loss, batch, v, method="fd")
+        for b in micro:
+            directional_derivatives(model, surrogate_loss, b, v, method="fd")
 
     plist = list(params.values())
     n_loop = min(args.loop_samples, args.batch)
@@ -162,30 +175,45 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 def games(args: argparse.Namespace) -> None:
     res: dict = {}
-    samples, valid, n_items = load_games()
-    if args.subset:
-        samples = samples.slice(0, args.subset)
-        keep = set(samples.column("user_id").to_pylist())
-        valid = valid.filter(pa.array([u in keep for u in valid.column("user_id").to_pylist()]))
-    n = samples.num_rows
-    print(f"[games] {n} samples, {n_items} items, {valid.num_rows} valid users")
-    cfg = SurrogateConfig(epochs=args.epochs, max_minutes=args.train_minutes, weight_decay=args.weight_decay,
-                          log_every=50, patience=2)
-    t0 = time.perf_counter()
-    model, hist = train_surrogate(samples, n_items, cfg, valid=valid)
-    res["train_seconds"] = time.perf_counter() - t0
-    res["epochs"] = len(hist)
+    if args.from_run:
+        # the surrogate (and v) of a finished prune run: no retraining
+        from engine.data.schema import read_samples, read_split
+        from engine.surrogate import load_surrogate
+
+        run = Path(args.from_run)
+        man = json.loads((run / "manifest.json").read_text())
+        data = man["config"]["data"]
+        samples, valid = read_samples(data), read_split(data, "valid")
+        model = load_surrogate(run / "surrogate")
+        n_items, cfg = model.n_items, model.cfg
+        res["from_run"] = str(run)
+        print(f"[games] surrogate of {run} ({cfg.loss} loss), {samples.num_rows} samples, {n_items} items")
+    else:
+        samples, valid, n_items = load_games()
+        if args.subset:
+            samples = samples.slice(0, args.subset)
+            keep = set(samples.column("user_id").to_pylist())
+            valid = valid.filter(pa.array([u in keep for u in valid.column("user_id").to_pylist()]))
+        print(f"[games] {samples.num_rows} samples, {n_items} items, {valid.num_rows} valid users")
+        cfg = SurrogateConfig(epochs=args.epochs, max_minutes=args.train_minutes, weight_decay=args.weight_decay,
+                              log_every=50, patience=2, loss=args.loss, negatives=args.negatives)
+        t0 = time.perf_counter()
+        model, hist = train_surrogate(samples, n_items, cfg, valid=valid)
+        res["train_seconds"] = time.perf_counter() - t0
+        res["epochs"] = len(hist)
+    res["loss"] = cfg.loss
     vb = make_batches(valid, batch_size=512, max_len=cfg.max_len)
     r = evaluate_ranking(model, vb, k=20)
     res["valid_recall@20"], res["valid_ndcg@20"] = r["recall"], r["ndcg"]
     print(f"[games] valid Recall@20 {r['recall']:.4f} NDCG@20 {r['ndcg']:.4f}")
-    batches = make_batches(samples, batch_size=256, max_len=cfg.max_len)
+    # as the prune job: H on a seeded random subset, every batch length-sorted
+    batches, hb = ihvp_batches(samples, InfluenceConfig(hessian_samples=args.hessian_samples or None),
+                               max_len=cfg.max_len)
     t0 = time.perf_counter()
     g, n = mean_gradient(model, surrogate_loss, batches)
     res["g_bar_seconds"], res["g_bar_norm"] = time.perf_counter() - t0, float(g.norm())
     print(f"[games] g_bar: ||g|| {float(g.norm()):.3e} ({res['g_bar_seconds']:.0f}s)")
     damping = args.damping if args.damping is not None else cfg.weight_decay
-    hb = None if not args.hessian_samples else -(-args.hessian_samples // 256)
     res["damping"], res["hessian_samples"] = damping, min(n, (hb or len(batches)) * 256)
     v = None
     for gn in (False, True):
@@ -226,9 +254,14 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--items", type=int, default=17332)
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--loss", default="full", choices=("full", "sampled"), help="surrogate per-sample loss")
+    p.add_argument("--negatives", type=int, default=128, help="negatives per sample for --loss sampled")
     p.add_argument("--loop-samples", type=int, default=64, help="samples timed in the per-sample loop")
+    p.add_argument("--micro-batch", type=int, default=64,
+                   help="batched paths: length-sorted micro-batches of this size (256 = one padded batch)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     p.add_argument("--subset", type=int, default=0, help="games: first N samples only (0 = all)")
+    p.add_argument("--from-run", default=None, help="games: use the surrogate of this finished prune run (no training)")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--train-minutes", type=float, default=8.0)
     p.add_argument("--weight-decay", type=float, default=1e-4)

@@ -17,7 +17,9 @@ Commands:
     python benchmarks/scale.py --sizes 100000 --nodes 1 2
     # the full sweep the README quotes:
     python benchmarks/scale.py --sizes 100000 1000000 5000000 --nodes 1 2
-    # a real scorer: any Ray Data callable class, built with --scorer-args (JSON list)
+    # the real influence stage (SurrogateScorer, sampled-softmax SASRec, random v):
+    python benchmarks/scale.py --sizes 100000 --nodes 1 2 --scorer influence --output-columns sample_id influence
+    # any Ray Data callable class, built with --scorer-args (JSON list)
     python benchmarks/scale.py --sizes 100000 --nodes 1 2 --scorer actors.influence:InfluenceScorer \
         --scorer-args '[...]' --output-columns sample_id influence
 """
@@ -63,6 +65,29 @@ class HashScorer:
         return {"sample_id": sid, "score": acc}
 
 
+class InfluenceBench:
+    """The real influence scorer (``actors.influence.SurrogateScorer``, the prune job's default
+    sampled-softmax SASRec) on a freshly initialised surrogate and a random unit v: the
+    throughput of the influence stage does not depend on the weights' values, so no
+    training is needed to measure it. Constructor: (n_items, n_train, micro_batch)."""
+
+    def __init__(self, n_items: int, n_train: int, micro_batch: int = 64):
+        import torch
+
+        from actors.influence import SurrogateScorer
+        from engine.surrogate import SurrogateConfig, build_surrogate, surrogate_payload
+
+        torch.set_num_threads(1)
+        model = build_surrogate(int(n_items), SurrogateConfig(loss="sampled"))
+        m = sum(p.numel() for p in model.parameters())
+        v = torch.randn(m, generator=torch.Generator().manual_seed(0)) / m ** 0.5
+        self.inner = SurrogateScorer(surrogate_payload(model), v.numpy(), n_train=int(n_train),
+                                     what=("influence",), batch_size=int(micro_batch))
+
+    def __call__(self, batch):
+        return self.inner(batch)
+
+
 class _Measured:
     """Wraps a scorer: adds the worker's pid and peak RSS (kB) to every output row."""
 
@@ -80,8 +105,10 @@ class _Measured:
 
 def _import(path: str):
     module, _, name = path.partition(":")
-    if not name:
+    if not name and path != "influence":
         raise SystemExit(f"--scorer must be 'module:Class', got {path!r}")
+    if path == "influence":
+        return InfluenceBench
     if module in ("__main__", Path(__file__).stem):
         return globals()[name]
     return getattr(importlib.import_module(module), name)
@@ -173,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=1024, help="samples per batch sent to an actor")
     p.add_argument("--rows-per-file", type=int, default=8192, help="samples per input shard")
     p.add_argument("--object-store-mb", type=int, default=300, help="object store per worker node")
-    p.add_argument("--scorer", default=f"{Path(__file__).stem}:HashScorer", help="'module:Class' of the scorer")
+    p.add_argument("--scorer", default=f"{Path(__file__).stem}:HashScorer",
+                   help="'module:Class' of the scorer, or 'influence' (the real influence scorer, see InfluenceBench)")
     p.add_argument("--scorer-args", default="[8]", help="JSON list of the scorer's constructor arguments")
     p.add_argument("--output-columns", nargs="+", default=["sample_id", "score"], help="columns the scorer returns")
     p.add_argument("--work", default=str(ROOT / "runs" / "bench-scale"), help="where data and outputs go")
@@ -193,6 +221,11 @@ def main(argv: list[str] | None = None) -> int:
         how = prepare(n, data, args.rows_per_file, args.seed)
         n_files = len(list((data / "samples").glob("*.parquet")))
         print(f"size {n}: data from {how} ({n_files} shards) in {time.perf_counter() - t0:.1f}s", flush=True)
+        if args.scorer == "influence":
+            import pyarrow.parquet as pq
+
+            n_items = pq.read_metadata(data / "items.parquet").num_rows
+            args.scorer_args = json.dumps([n_items, n, 64])
         by_nodes = {}
         for k in args.nodes:
             r = run_once(data, work / f"out-{n}-{k}", k, args)
@@ -206,7 +239,10 @@ def main(argv: list[str] | None = None) -> int:
         if hi != lo:
             ratio = by_nodes[hi]["samples_per_s"] / by_nodes[lo]["samples_per_s"]
             print(f"  throughput ratio {hi} vs {lo} node(s): {ratio:.2f}x", flush=True)
-    (work / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    driver_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"driver peak RSS {driver_mb:.0f} MB (holds only the per-shard progress; scores stay in the shards)")
+    (work / "results.json").write_text(json.dumps({"results": results, "driver_peak_rss_mb": driver_mb},
+                                                  indent=1, default=str))
     return 0
 
 

@@ -38,6 +38,13 @@ gradient of the mean loss R = (1/n) sum L_s, which is not 0 at the trained point
 influence loss uses a mask pattern fixed by (sample_id, position), always including the
 target, so it is deterministic but only approximates its training objective.
 
+``loss='sampled'`` (large catalogues: cost per position ~ K instead of n_items): the softmax of
+every position of sample s runs over its label and K negatives fixed by (seed, sample_id)
+(:func:`_fixed_negatives`; a negative equal to the label is masked), so L_s stays deterministic
+and batch-independent. Training draws fresh negatives every step, so J is then the expectation
+of that objective over negative draws, and influence differentiates one fixed draw of it (the
+same approximation as BERT4Rec's fixed masks). Ranking and evaluation always use every item.
+
 Positions are counted from the right (the last item has position 0), exactly SASRec's
 left-padding-to-max_len convention; hence a sample's output does not depend on how
 much padding its batch has, and scores are independent of batch composition.
@@ -85,6 +92,7 @@ PAD, BOS, MASK = 0, 1, 1
 ITEM_OFFSET = 2
 MODELS = ("sasrec", "bert4rec")
 DISTRIBUTED = ("local", "ray_train")
+LOSSES = ("full", "sampled")
 
 
 @dataclass
@@ -107,6 +115,19 @@ class SurrogateConfig:
     patience: int = field(default=3, metadata={"help": "early stopping: epochs without a better validation Recall@K"})
     eval_k: int = field(default=20, metadata={"help": "K of the validation Recall@K / NDCG@K"})
     mask_prob: float = field(default=0.2, metadata={"help": "BERT4Rec cloze mask probability (ignored by SASRec)"})
+    loss: str = field(
+        default="full",
+        metadata={
+            "help": "per-sample loss: 'full' = softmax cross-entropy over every item (exact; cost ~ n_items per "
+            "position); 'sampled' = softmax over the target and `negatives` items fixed by (seed, sample_id) "
+            "(deterministic, batch-independent; cost ~ negatives per position, for large catalogues)"
+        },
+    )
+    negatives: int = field(
+        default=128,
+        metadata={"help": "loss='sampled': negative items per sample (drawn afresh per step in training, "
+                          "fixed by (seed, sample_id) in the influence loss)"},
+    )
     loss_chunk: int = field(
         default=256,
         metadata={"help": "positions per full-softmax chunk (memory: chunk x n_items floats; 256 keeps it in cache)"}
@@ -153,6 +174,9 @@ class SurrogateConfig:
         check(p, isinstance(self.patience, int) and self.patience >= 1, f"patience={self.patience!r}: must be >= 1")
         check(p, isinstance(self.eval_k, int) and self.eval_k >= 1, f"eval_k={self.eval_k!r}: must be >= 1")
         check(p, 0.0 < self.mask_prob < 1.0, f"mask_prob={self.mask_prob!r}: must be in (0, 1)")
+        check(p, self.loss in LOSSES, f"loss={self.loss!r}: expected one of {LOSSES}")
+        check(p, isinstance(self.negatives, int) and not isinstance(self.negatives, bool) and self.negatives >= 1,
+              f"negatives={self.negatives!r}: must be an int >= 1")
         check(p, isinstance(self.loss_chunk, int) and self.loss_chunk >= 1, f"loss_chunk={self.loss_chunk!r}: must be >= 1")
         check(p, self.max_minutes is None or self.max_minutes > 0, f"max_minutes={self.max_minutes!r}: must be > 0 or None")
         check(p, isinstance(self.log_every, int) and self.log_every >= 0, f"log_every={self.log_every!r}: must be >= 0")
@@ -304,7 +328,8 @@ def _slice_encoded(enc: Mapping[str, np.ndarray], idx: np.ndarray) -> dict[str, 
     return b
 
 
-def make_batches(samples: Any, *, batch_size: int, max_len: int) -> list[dict[str, Tensor]]:
+def make_batches(samples: Any, *, batch_size: int, max_len: int,
+                 order: str | Callable[[np.ndarray], np.ndarray] | None = None) -> list[dict[str, Tensor]]:
     """Cut samples into tensor batches (left-padded to each batch's longest sequence).
 
     Args:
@@ -312,19 +337,32 @@ def make_batches(samples: Any, *, batch_size: int, max_len: int) -> list[dict[st
             arrays as given by Ray Data ``map_batches(batch_format="numpy")``.
         batch_size: samples per batch.
         max_len: sequence window (the surrogate's ``max_len``).
+        order: None = input order; ``"length"`` = rows sorted by sequence length (stable), so
+            that each batch is trimmed to nearly its own length (a sample's loss does not
+            depend on its batch, so only speed changes: several times less padding on
+            real data); or a callable ``order(lengths) -> row indices`` (lengths = positions
+            per row, int64 [n]) whose result is cut into consecutive batches.
 
     Returns:
         list of dicts of tensors: ``sample_id`` [B], ``seq`` [B, T], ``labels`` [B, T],
-        ``target`` [B] and for eval rows ``targets``/``seen``; input order is kept.
+        ``target`` [B] and for eval rows ``targets``/``seen``. Map results back to rows by
+        ``sample_id`` when ``order`` is not None.
 
     Raises:
         DataError: missing columns or bad ids.
     """
     if batch_size < 1 or max_len < 1:
         raise DataError("batch_size and max_len must be >= 1", field="batch_size", value=(batch_size, max_len))
+    if isinstance(order, str) and order != "length":
+        raise ConfigError([f"order={order!r}: expected None, 'length' or a callable"], config="make_batches")
     enc = encode_samples(samples, max_len=max_len)
     n = len(enc["sample_id"])
-    return [_slice_encoded(enc, np.arange(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
+    if order is None:
+        rows = np.arange(n)
+    else:
+        lengths = (enc["seq"] != PAD).sum(axis=1).astype(np.int64)
+        rows = np.argsort(lengths, kind="stable") if order == "length" else np.asarray(order(lengths), dtype=np.int64)
+    return [_slice_encoded(enc, rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
 
 
 # --------------------------------------------------------------------------- models
@@ -398,10 +436,42 @@ class _Encoder(nn.Module):
         directly from its embedding: in forward-mode AD this is ~2x cheaper than cross_entropy)."""
         return torch.logsumexp(self.item_logits(h), -1) - (h * self.item_emb(labels + ITEM_OFFSET)).sum(-1)
 
-    def _positions_ce(self, h: Tensor, labels: Tensor, weights: Tensor) -> Tensor:
-        """Per-sample weighted mean CE over positions. h [B,T,d], labels [B,T], weights [B,T] (0/1)."""
+    def _sampled_logits(self, h: Tensor, labels: Tensor, negs: Tensor) -> Tensor:
+        """[target, negatives] logits per position: h [B, T, d], labels [B, T] (>= 0), negs [B, K]
+        -> [B, T, 1 + K]. One [T, d] x [d, K] product per sample (the negatives are the sample's,
+        shared by its positions). A negative equal to the position's label is masked (finite
+        -1e9, so forward-mode AD stays finite): the softmax is over the target and the other
+        negatives."""
+        pos = (h * self.item_emb(labels + ITEM_OFFSET)).sum(-1, keepdim=True)
+        neg = torch.bmm(h, self.item_emb(negs + ITEM_OFFSET).transpose(1, 2))
+        neg = neg.masked_fill(negs[:, None, :] == labels[:, :, None], -1e9)
+        return torch.cat([pos, neg], dim=-1)
+
+    def negatives_for(self, batch: Mapping[str, Tensor], generator: torch.Generator | None = None,
+                      *, fixed: bool = True) -> Tensor | None:
+        """Per-sample negatives [B, K] of loss='sampled' (None for loss='full').
+
+        ``fixed=True``: a function of (cfg.seed, sample_id) only, so a sample's loss does not
+        depend on its batch (the influence loss). ``fixed=False``: fresh draws from ``generator``
+        (training)."""
+        if self.cfg.loss != "sampled":
+            return None
+        sid = batch["sample_id"]
+        if fixed:
+            return _fixed_negatives(sid, self.cfg.negatives, self.n_items, self.cfg.seed)
+        neg = torch.randint(0, self.n_items, (sid.shape[0], self.cfg.negatives), generator=generator)
+        return neg.to(sid.device)
+
+    def _positions_ce(self, h: Tensor, labels: Tensor, weights: Tensor, negs: Tensor | None = None) -> Tensor:
+        """Per-sample weighted mean CE over positions. h [B,T,d], labels [B,T], weights [B,T] (0/1);
+        ``negs`` [B, K]: sampled softmax over the target and the sample's negatives (None = full)."""
         b = h.shape[0]
         cnt = weights.sum(1).clamp_min(1.0)
+        if negs is not None:
+            # dense over [B, T, 1+K] (cheap: K << n_items); no data-dependent indexing, vmap-safe
+            z = self._sampled_logits(h, labels.clamp_min(0), negs)
+            ce = torch.logsumexp(z, -1) - z[..., 0]
+            return (ce * weights).sum(1) / cnt
         if b == 1:
             # dense path: no data-dependent indexing, so the loss works under vmap (GraNd)
             ce = self._ce(h[0], labels[0].clamp_min(0))
@@ -420,6 +490,16 @@ class _Encoder(nn.Module):
         return total / cnt.to(ce.dtype)
 
 
+def _fixed_negatives(sample_id: Tensor, k: int, n_items: int, seed: int) -> Tensor:
+    """Deterministic negatives [B, k] in 0..n_items-1 from (seed, sample_id, slot): a fixed integer hash."""
+    slot = torch.arange(k, device=sample_id.device, dtype=torch.int64)
+    x = (sample_id[:, None].to(torch.int64) * 1000003 + slot[None] * 7919 + seed * 104729 + 17) & 0x7FFFFFFF
+    for mult in (1103515245, 1274126177, 2654435761 & 0x7FFFFFFF):
+        x = (x * mult + 12345) & 0x7FFFFFFF
+        x = x ^ (x >> 15)
+    return x % n_items
+
+
 class SASRec(_Encoder):
     """SASRec (Kang & McAuley 2018): causal self-attention, tied item embeddings.
 
@@ -433,14 +513,18 @@ class SASRec(_Encoder):
 
     def per_sample_loss(self, batch: Mapping[str, Tensor]) -> Tensor:
         """Mean full-softmax CE over the positions of each sample's training sequence, [B]."""
+        return self._loss(batch, self.negatives_for(batch))
+
+    def _loss(self, batch: Mapping[str, Tensor], negs: Tensor | None) -> Tensor:
         labels = batch["labels"]
         h = self.encode(batch["seq"])
         labels = labels[:, -h.shape[1]:]
-        return self._positions_ce(h, labels, (labels >= 0).to(h.dtype))
+        return self._positions_ce(h, labels, (labels >= 0).to(h.dtype), negs)
 
     def training_loss(self, batch: Mapping[str, Tensor], generator: torch.Generator | None = None) -> Tensor:
-        """Mean of per-sample losses (the training objective's data term; dropout per train mode)."""
-        return self.per_sample_loss(batch).mean()
+        """Mean of per-sample losses (the training objective's data term; dropout per train mode).
+        With loss='sampled' the negatives are drawn afresh every step (from ``generator``)."""
+        return self._loss(batch, self.negatives_for(batch, generator, fixed=False)).mean()
 
     def score_next(self, batch: Mapping[str, Tensor]) -> Tensor:
         """Logits of every item after each sample's history, [B, n_items]."""
@@ -467,7 +551,7 @@ class BERT4Rec(_Encoder):
     def __init__(self, n_items: int, cfg: SurrogateConfig):
         super().__init__(n_items, cfg, causal=False)
 
-    def _cloze_loss(self, batch: Mapping[str, Tensor], masked: Tensor) -> Tensor:
+    def _cloze_loss(self, batch: Mapping[str, Tensor], masked: Tensor, negs: Tensor | None = None) -> Tensor:
         labels = batch["labels"][:, -self.cfg.max_len:]
         valid = labels >= 0
         last = torch.arange(valid.shape[1], device=valid.device) == valid.shape[1] - 1
@@ -475,19 +559,20 @@ class BERT4Rec(_Encoder):
         tokens = torch.where(valid, labels + ITEM_OFFSET, torch.zeros_like(labels))
         tokens = torch.where(masked, torch.full_like(tokens, MASK), tokens)
         h = self.encode(tokens)
-        return self._positions_ce(h, labels, masked.to(h.dtype))
+        return self._positions_ce(h, labels, masked.to(h.dtype), negs)
 
     def per_sample_loss(self, batch: Mapping[str, Tensor]) -> Tensor:
         """Deterministic cloze CE per sample (fixed mask + last item), [B]."""
         t = min(batch["labels"].shape[1], self.cfg.max_len)
         m = _fixed_mask(batch["sample_id"], t, self.cfg.mask_prob, self.cfg.seed)
-        return self._cloze_loss(batch, m)
+        return self._cloze_loss(batch, m, self.negatives_for(batch))
 
     def training_loss(self, batch: Mapping[str, Tensor], generator: torch.Generator | None = None) -> Tensor:
         """Mean cloze CE with fresh random masks (training only)."""
         t = min(batch["labels"].shape[1], self.cfg.max_len)
         m = torch.rand(batch["labels"].shape[0], t, generator=generator) < self.cfg.mask_prob
-        return self._cloze_loss(batch, m.to(batch["labels"].device)).mean()
+        negs = self.negatives_for(batch, generator, fixed=False)
+        return self._cloze_loss(batch, m.to(batch["labels"].device), negs).mean()
 
     def score_next(self, batch: Mapping[str, Tensor]) -> Tensor:
         """Logits at an appended [MASK] after each history, [B, n_items]."""
@@ -510,13 +595,26 @@ def build_surrogate(n_items: int, cfg: SurrogateConfig) -> SASRec | BERT4Rec:
 
 
 def _sasrec_position_logits(model: SASRec, batch: Mapping[str, Tensor]) -> Tensor:
-    """Logits [N_valid, n_items] at the valid positions of the batch (row-major order)."""
+    """Logits at the valid positions of the batch (row-major order), TARGET FIRST: column 0 is
+    the label's logit, the other columns are the softmax's other classes (every item with the
+    label's own column masked for loss='full': [N_valid, 1 + n_items]; the sample's fixed
+    negatives for loss='sampled': [N_valid, 1 + K]). The CE of every row is then
+    ``cross_entropy(z, 0)`` whatever the loss, and masked columns (finite -1e9) carry no mass."""
     if not isinstance(model, SASRec):
         raise ConfigError(["gauss_newton=True is implemented for SASRec surrogates only"], config="iHVP solver")
     h = model.encode(batch["seq"])
     labels = batch["labels"][:, -h.shape[1]:]
     idx = (labels.reshape(-1) >= 0).nonzero().squeeze(1)
-    return model.item_logits(h.reshape(-1, h.shape[-1]).index_select(0, idx))
+    negs = model.negatives_for(batch)
+    if negs is not None:
+        z = model._sampled_logits(h, labels.clamp_min(0), negs)
+        return z.reshape(-1, z.shape[-1]).index_select(0, idx)
+    hv = h.reshape(-1, h.shape[-1]).index_select(0, idx)
+    lv = labels.reshape(-1).index_select(0, idx)
+    z = model.item_logits(hv)
+    pos = z.gather(1, lv[:, None])
+    other = z.masked_fill(F.one_hot(lv, z.shape[1]).bool(), -1e9)
+    return torch.cat([pos, other], dim=1)
 
 
 def _sasrec_loss_on_logits(z: Tensor, batch: Mapping[str, Tensor]) -> Tensor:
@@ -525,9 +623,9 @@ def _sasrec_loss_on_logits(z: Tensor, batch: Mapping[str, Tensor]) -> Tensor:
     flat = labels.reshape(-1)
     idx = (flat >= 0).nonzero().squeeze(1)
     row = idx // labels.shape[1]
-    ce = F.cross_entropy(z, flat.index_select(0, idx), reduction="none")
+    ce = F.cross_entropy(z, torch.zeros(z.shape[0], dtype=torch.long, device=z.device), reduction="none")
     cnt = (labels >= 0).sum(1).clamp_min(1).to(ce.dtype)
-    return torch.zeros(labels.shape[0], dtype=ce.dtype).index_add(0, row, ce) / cnt
+    return torch.zeros(labels.shape[0], dtype=ce.dtype, device=ce.device).index_add(0, row, ce) / cnt
 
 
 class _SurrogateLoss:
@@ -818,7 +916,7 @@ def surrogate_from_payload(payload: Mapping[str, Any]) -> SASRec | BERT4Rec:
     """Rebuild a surrogate (eval mode) from :func:`surrogate_to_payload` output."""
     cfg = SurrogateConfig.from_dict(payload["config"])
     model = build_surrogate(int(payload["n_items"]), cfg)
-    model.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in payload["state"].items()})
+    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in payload["state"].items()})
     return model.eval()
 
 

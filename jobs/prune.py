@@ -80,7 +80,8 @@ class ScaleConfig:
 
     influence_actors: int = field(default=0, metadata={"help": "surrogate actor pool size (0 = auto: one per influence-cpus CPUs)"})
     influence_cpus: float = field(default=1.0, metadata={"help": "CPUs per surrogate actor"})
-    influence_batch_size: int = field(default=256, metadata={"help": "samples per surrogate batch"})
+    influence_batch_size: int = field(default=256, metadata={"help": "samples per Ray Data batch sent to a surrogate actor"})
+    influence_micro_batch: int = field(default=64, metadata={"help": "samples per forward inside a surrogate actor (length-sorted: less padding)"})
     effort_actors: int = field(default=0, metadata={"help": "LLM actor pool size (0 = auto: one per GPU, else one per effort-cpus CPUs)"})
     effort_cpus: float = field(default=1.0, metadata={"help": "CPUs per LLM actor"})
     effort_gpus: float = field(default=-1.0, metadata={"help": "GPUs per LLM actor (-1 = 1 where the cluster has GPUs)"})
@@ -95,7 +96,7 @@ class ScaleConfig:
             check(p, int(getattr(self, name)) >= 0, f"{name} must be >= 0, got {getattr(self, name)!r}")
         for name in ("max_restarts", "max_task_retries"):
             check(p, int(getattr(self, name)) >= -1, f"{name} must be >= -1 (-1 = unlimited), got {getattr(self, name)!r}")
-        for name in ("influence_batch_size", "effort_batch_size", "effort_micro_batch"):
+        for name in ("influence_batch_size", "influence_micro_batch", "effort_batch_size", "effort_micro_batch"):
             check(p, int(getattr(self, name)) >= 1, f"{name} must be >= 1, got {getattr(self, name)!r}")
         for name in ("influence_cpus", "effort_cpus"):
             check(p, float(getattr(self, name)) > 0, f"{name} must be > 0, got {getattr(self, name)!r}")
@@ -142,6 +143,13 @@ def add_arguments(p: argparse.ArgumentParser, *, defaults: dict | None = None) -
     g = p.add_argument_group("surrogate + influence")
     g.add_argument("--surrogate", default="sasrec", help="surrogate model: sasrec | bert4rec")
     g.add_argument("--surrogate-epochs", type=int, default=None, help="max surrogate training epochs")
+    g.add_argument("--surrogate-minutes", type=float, default=None,
+                   help="time box of surrogate training in minutes (the best epoch so far is kept; default: none)")
+    g.add_argument("--surrogate-loss", default="sampled", choices=("full", "sampled"),
+                   help="surrogate per-sample loss: softmax over the target + --negatives items fixed by sample id "
+                        "(default; cost independent of the catalogue size) or over every item ('full', exact; "
+                        "cost ~ n_items per position)")
+    g.add_argument("--negatives", type=int, default=128, help="negatives per sample of --surrogate-loss sampled")
     g.add_argument("--surrogate-train", default="local", choices=("local", "ray_train"),
                    help="train the surrogate on the driver (small data) or on Ray Train with DDP (large data)")
     g.add_argument("--surrogate-workers", type=int, default=2, help="Ray Train workers (with --surrogate-train ray_train)")
@@ -171,9 +179,11 @@ def config_from_args(args: argparse.Namespace) -> PruneJobConfig:
     if budget is None and ratio is None:
         budget = 1024
     sur_kw = {"model": args.surrogate, "seed": args.seed, "distributed": args.surrogate_train,
-              "num_workers": args.surrogate_workers}
+              "num_workers": args.surrogate_workers, "loss": args.surrogate_loss, "negatives": args.negatives}
     if args.surrogate_epochs is not None:
         sur_kw["epochs"] = args.surrogate_epochs
+    if args.surrogate_minutes is not None:
+        sur_kw["max_minutes"] = args.surrogate_minutes
     inf_kw = {"solver": args.solver, "damping": args.damping, "max_iter": args.ihvp_max_iter,
               "hessian_samples": args.hessian_samples or None}
     llm_kw = {"model": args.llm, "adapter": args.adapter, "seed": args.seed,
@@ -335,7 +345,7 @@ def run_prune(cfg: PruneJobConfig, *, log=print) -> dict:
         st = score_shards_stage(
             ray, files, run.path("shards/surrogate"), SurrogateScorer,
             constructor_args=(state_ref, v_ref),
-            constructor_kwargs={"n_train": n, "batch_size": cfg.scale.influence_batch_size,
+            constructor_kwargs={"n_train": n, "batch_size": cfg.scale.influence_micro_batch,
                                 "what": surrogate_columns(cfg.method)},
             output_columns=("sample_id", *surrogate_columns(cfg.method)),
             batch_size=cfg.scale.influence_batch_size,

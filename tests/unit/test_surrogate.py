@@ -133,3 +133,21 @@ def test_save_load_and_payload_roundtrip(tmp_path):
         assert other.cfg == cfg
     with pytest.raises(DataError):
         load_surrogate(tmp_path / "missing")
+
+
+def test_length_order_batches_are_tight_and_change_nothing_but_speed():
+    t = random_samples(n=60, n_items=12, max_hist=9, seed=5)
+    cfg = SurrogateConfig(hidden=8, n_blocks=1, max_len=6)
+    m = build_surrogate(12, cfg).eval()
+    ref = torch.cat([surrogate_loss(m, b) for b in make_batches(t, batch_size=16, max_len=6)])
+    bs = make_batches(t, batch_size=16, max_len=6, order="length")
+    lengths = [int((b["seq"] != 0).sum(1).max()) for b in bs]
+    assert lengths == sorted(lengths) and bs[0]["seq"].shape[1] < 6  # short rows share short batches
+    got = torch.zeros(60)
+    for b in bs:
+        got[b["sample_id"]] = surrogate_loss(m, b)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    rev = make_batches(t, batch_size=100, max_len=6, order=lambda lengths: np.arange(len(lengths))[::-1])
+    assert rev[0]["sample_id"].tolist() == list(range(59, -1, -1))
+    with pytest.raises(ConfigError, match="order='shortest'"):
+        make_batches(t, batch_size=16, max_len=6, order="shortest")
