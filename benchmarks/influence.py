@@ -36,7 +36,7 @@ from engine.errors import SolverError
 from engine.influence import (
     InfluenceConfig,
     directional_derivatives,
-    ihvp_batches,
+    hessian_rows,
     flatten_params,
     mean_gradient,
     solve_ihvp,
@@ -207,20 +207,22 @@ def games(args: argparse.Namespace) -> None:
     res["valid_recall@20"], res["valid_ndcg@20"] = r["recall"], r["ndcg"]
     print(f"[games] valid Recall@20 {r['recall']:.4f} NDCG@20 {r['ndcg']:.4f}")
     # as the prune job: H on a seeded random subset, every batch length-sorted
-    batches, hb = ihvp_batches(samples, InfluenceConfig(hessian_samples=args.hessian_samples or None),
-                               max_len=cfg.max_len)
+    batches = make_batches(samples, batch_size=256, max_len=cfg.max_len, order="length")
+    rows = hessian_rows(samples.num_rows, InfluenceConfig(hessian_samples=args.hessian_samples or None))
+    hsub = make_batches(samples if rows is None else samples.take(pa.array(rows)), batch_size=256,
+                        max_len=cfg.max_len, order="length")
     t0 = time.perf_counter()
     g, n = mean_gradient(model, surrogate_loss, batches)
     res["g_bar_seconds"], res["g_bar_norm"] = time.perf_counter() - t0, float(g.norm())
     print(f"[games] g_bar: ||g|| {float(g.norm()):.3e} ({res['g_bar_seconds']:.0f}s)")
     damping = args.damping if args.damping is not None else cfg.weight_decay
-    res["damping"], res["hessian_samples"] = damping, min(n, (hb or len(batches)) * 256)
+    res["damping"], res["hessian_samples"] = damping, sum(len(b["sample_id"]) for b in hsub)
     v = None
     for gn in (False, True):
         name = "cg_ggn" if gn else "cg_hessian"
         try:
-            vv, rep = solve_ihvp(model, surrogate_loss, batches, g, solver="cg", damping=damping, gauss_newton=gn,
-                                 tol=args.tol, max_iter=args.cg_iters, hessian_batches=hb, log=print)
+            vv, rep = solve_ihvp(model, surrogate_loss, hsub, g, solver="cg", damping=damping, gauss_newton=gn,
+                                 tol=args.tol, max_iter=args.cg_iters, log=print)
             res[name] = {k: rep.to_dict()[k] for k in ("rel_residual", "iterations", "hvps", "seconds", "converged")}
             if v is None or gn:
                 v, res["v_from"] = vv, name
@@ -229,8 +231,8 @@ def games(args: argparse.Namespace) -> None:
         print(f"[games] {name}: {res[name]}")
     t0 = time.perf_counter()
     try:
-        _, rep = solve_ihvp(model, surrogate_loss, batches, g, solver="lissa", damping=damping, depth=5000,
-                            scale=25.0, hessian_batch_size=1, hessian_batches=hb, log=print)
+        _, rep = solve_ihvp(model, surrogate_loss, hsub, g, solver="lissa", damping=damping, depth=5000,
+                            scale=25.0, hessian_batch_size=1, log=print)
         res["lissa_paper"] = {k: rep.to_dict()[k] for k in ("rel_residual", "iterations", "hvps", "seconds")}
     except SolverError as e:
         res["lissa_paper"] = {"error": str(e), "seconds": time.perf_counter() - t0}
@@ -268,7 +270,7 @@ def main() -> None:
     p.add_argument("--damping", type=float, default=None, help="default: the weight decay")
     p.add_argument("--tol", type=float, default=1e-3)
     p.add_argument("--cg-iters", type=int, default=50)
-    p.add_argument("--score-samples", type=int, default=5120, help="samples for the Spearman (0 = all)")
+    p.add_argument("--score-samples", type=int, default=0, help="samples for the Spearman (0 = all; else the shortest ones)")
     p.add_argument("--hessian-samples", type=int, default=4096, help="samples used for H (0 = all)")
     args = p.parse_args()
     if args.threads:

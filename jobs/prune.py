@@ -41,7 +41,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from engine.config import collect_problems, raise_if, stable_hash, to_dict, versions
-from engine.data.schema import read_items, read_meta, read_samples, read_split, sample_files
+from engine.data.schema import (
+    SAMPLES_SCHEMA,
+    read_items,
+    read_meta,
+    read_parquet_checked,
+    read_samples,
+    read_split,
+    sample_files,
+)
 from engine.errors import ConfigError, DataError, check
 from engine.llm import LLMConfig
 from engine.prompts import get_prompt_config, make_record, PROMPTS
@@ -326,11 +334,11 @@ def run_prune(cfg: PruneJobConfig, *, log=print) -> dict:
     if need_sur and not run.done("ihvp"):
         t0 = time.perf_counter()
         model = sur.load_surrogate(run.path("surrogate"))
-        samples = read_samples(data)
-        report = inf.compute_ihvp_for_samples(model, samples, cfg.influence, log=log)
+        # streamed one sample file at a time: the driver never holds every sample here
+        report = inf.compute_ihvp_streaming(
+            model, lambda: (read_parquet_checked(f, SAMPLES_SCHEMA) for f in files), cfg.influence, log=log)
         run.path("ihvp").mkdir(exist_ok=True)
         atomic_write_bytes(run.path("ihvp") / "v.npy", _npy_bytes(report.pop("v")))
-        del samples
         run.finish("ihvp", time.perf_counter() - t0, **report)
 
     # 3. influence + GraNd + EL2N for every sample, streamed by an actor pool ----------
