@@ -3,9 +3,10 @@
 `ray job submit` starts the driver under the cluster's job supervisor, not as a child of the
 submitting shell, so this samples every process of the current user whose command line looks
 like Ray (``ray::<Actor or task>``, raylet, gcs_server, the job's driver script) and keeps, per
-process, its peak RSS and the most specific name it showed (an idle worker becomes
-``ray::EffortScorer`` once it hosts that actor). At the end it prints one line per role with
-the number of processes and the largest peak, and writes the per-process table as JSON.
+process, its peak RSS, the seconds it was first and last seen and when it peaked (Ray Data
+names every pool worker ``ray::MapWorker(...)``, so the times tell which stage's pool a worker
+belonged to), and the most specific name it showed. At the end it prints one line per role
+with the number of processes and the largest peak, and writes the per-process table as JSON.
 
     .venv/bin/python benchmarks/peak_rss.py --out runs/book-rss.json -- \
         ray job submit --working-dir . -- python jobs/prune_book.py --data /data/book --out /runs/book
@@ -33,19 +34,34 @@ def _name(cmdline: list[str]) -> str:
     m = re.search(r"ray::([A-Za-z_][\w.]*)", text)
     if m:
         return "ray::" + m.group(1).split(".")[0]
-    for key in ("raylet", "gcs_server", "dashboard", "log_monitor", "runtime_env"):
-        if key in text:
+    exe = os.path.basename(cmdline[0]) if cmdline else ""
+    script = next((os.path.basename(a) for a in cmdline[1:3] if a.endswith(".py")), "")
+    for key in ("raylet", "gcs_server"):
+        if exe == key:
             return key
     m = re.search(r"(jobs/[\w/]+\.py)", text)
     if m:
         return "driver " + m.group(1)
-    return "ray worker (idle)" if "default_worker.py" in text else text[:60]
+    if script == "default_worker.py":
+        return "ray worker (idle)"
+    return script or exe or text[:60]
+
+
+def _rank(name: str) -> int:
+    """Which of a process's names to report: an actor/task name beats idle, idle beats the rest."""
+    if name.startswith("ray::") and name != "ray::IDLE" or name.startswith("driver "):
+        return 3
+    if name in ("ray::IDLE", "ray worker (idle)"):
+        return 1
+    return 2
 
 
 def sample_forever(peaks: dict, stop: threading.Event, interval: float) -> None:
     me = os.getpid()
     uid = os.getuid()
+    t0 = time.perf_counter()
     while not stop.is_set():
+        now = round(time.perf_counter() - t0, 1)
         for p in psutil.process_iter(["pid", "uids", "cmdline", "memory_info"]):
             try:
                 info = p.info
@@ -56,11 +72,14 @@ def sample_forever(peaks: dict, stop: threading.Event, interval: float) -> None:
                     continue
                 rss = info["memory_info"].rss
                 name = _name(cmd)
-                rec = peaks.setdefault(info["pid"], {"name": name, "peak_rss": 0, "names": set()})
+                rec = peaks.setdefault(info["pid"], {"name": name, "peak_rss": 0, "names": set(),
+                                                     "first_seen_s": now, "peak_at_s": now})
                 rec["names"].add(name)
-                if not name.startswith("ray worker") and rec["name"].startswith("ray worker"):
+                rec["last_seen_s"] = now
+                if _rank(name) > _rank(rec["name"]):
                     rec["name"] = name
-                rec["peak_rss"] = max(rec["peak_rss"], rss)
+                if rss > rec["peak_rss"]:
+                    rec["peak_rss"], rec["peak_at_s"] = rss, now
             except (psutil.NoSuchProcess, psutil.AccessDenied, TypeError):
                 continue
         stop.wait(interval)

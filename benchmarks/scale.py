@@ -114,12 +114,13 @@ def _import(path: str):
     return getattr(importlib.import_module(module), name)
 
 
-def prepare(n_users: int, out: Path, rows_per_file: int, seed: int) -> str:
+def prepare(n_users: int, out: Path, rows_per_file: int, seed: int, ipu: float = 8.0) -> str:
     """A prepared folder with ``n_users`` samples; returns how it was made."""
     if (out / "meta.json").exists():
         return "cached"
     if (ROOT / "engine" / "data" / "synthetic.py").exists() and (ROOT / "jobs" / "prepare.py").exists():
         cmd = [sys.executable, "-m", "jobs.cli", "prepare", "--format", "synthetic", "--users", str(n_users),
+               "--items", str(max(400, n_users // 20)), "--interactions-per-user", str(ipu),
                "--out", str(out), "--rows-per-file", str(rows_per_file), "--seed", str(seed)]
         r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         if r.returncode == 0:
@@ -206,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output-columns", nargs="+", default=["sample_id", "score"], help="columns the scorer returns")
     p.add_argument("--work", default=str(ROOT / "runs" / "bench-scale"), help="where data and outputs go")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--interactions-per-user", type=float, default=8.0,
+                   help="synthetic data: mean interactions per user (items = max(400, users / 20))")
     args = p.parse_args(argv)
     if args.actor_cpus * args.actors_per_node > args.cpus_per_node - 1:
         # score_shards' read tasks ask for 1 CPU each: nodes whose actors leave less than
@@ -216,9 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     results = []
     for n in args.sizes:
-        data = work / f"data-{n}"
+        data = work / f"data-{n}-ipu{args.interactions_per_user:g}"
         t0 = time.perf_counter()
-        how = prepare(n, data, args.rows_per_file, args.seed)
+        how = prepare(n, data, args.rows_per_file, args.seed, args.interactions_per_user)
         n_files = len(list((data / "samples").glob("*.parquet")))
         print(f"size {n}: data from {how} ({n_files} shards) in {time.perf_counter() - t0:.1f}s", flush=True)
         if args.scorer == "influence":
