@@ -19,6 +19,10 @@ Commands:
     python benchmarks/scale.py --sizes 100000 1000000 5000000 --nodes 1 2
     # the real influence stage (SurrogateScorer, sampled-softmax SASRec, random v):
     python benchmarks/scale.py --sizes 100000 --nodes 1 2 --scorer influence --output-columns sample_id influence
+    # the effort stage (tiny LLM) on a subsample of 2 input shards, to extrapolate from:
+    python benchmarks/scale.py --sizes 1000000 --nodes 1 2 --shards 2 --scorer actors.effort:EffortScorer \
+        --scorer-args '[{"model": "tiny", "cache_dir": "'$PWD'/.cache/dealrec"}, "generic", \
+                        "runs/bench-scale/data-1000000-ipu8/items.parquet"]' --output-columns sample_id effort
     # any Ray Data callable class, built with --scorer-args (JSON list)
     python benchmarks/scale.py --sizes 100000 --nodes 1 2 --scorer actors.influence:InfluenceScorer \
         --scorer-args '[...]' --output-columns sample_id influence
@@ -170,6 +174,8 @@ def run_once(data: Path, out: Path, nodes: int, args) -> dict:
                                            "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(ROOT)]))}})
         ray.data.DataContext.get_current().enable_progress_bars = False
         files = sample_files(data)
+        if args.shards:
+            files = files[: args.shards]  # a subsample: the first K input shards
         shutil.rmtree(out, ignore_errors=True)
         cols = (*args.output_columns, "worker_pid", "peak_rss_kb")
         t0 = time.perf_counter()
@@ -207,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output-columns", nargs="+", default=["sample_id", "score"], help="columns the scorer returns")
     p.add_argument("--work", default=str(ROOT / "runs" / "bench-scale"), help="where data and outputs go")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shards", type=int, default=0,
+                   help="score only the first K input shards (a subsample, e.g. for the effort stage; 0 = all)")
     p.add_argument("--interactions-per-user", type=float, default=8.0,
                    help="synthetic data: mean interactions per user (items = max(400, users / 20))")
     args = p.parse_args(argv)
