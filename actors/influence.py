@@ -26,7 +26,7 @@ import numpy as np
 import ray
 
 from engine.surrogate import surrogate_from_payload
-from engine.influence import score_surrogate_batch
+from engine.influence import score_surrogate_batch, split_direction
 
 WHAT = ("influence", "grand", "el2n")
 
@@ -63,7 +63,8 @@ class SurrogateScorer:
 
             torch.set_num_threads(int(num_threads))
         self.model = surrogate_from_payload(_get(surrogate_ref))
-        self.v = None if v_ref is None else np.asarray(_get(v_ref))
+        # split once per actor: every batch then reuses per-parameter tangents (no O(m) copies)
+        self.v = None if v_ref is None else split_direction(self.model, np.asarray(_get(v_ref)))
         self.n_train = None if n_train is None else int(n_train)
         self.what, self.batch_size, self.method = what, int(batch_size), method
         self.max_len = int(max_len or self.model.cfg.max_len)

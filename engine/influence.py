@@ -46,6 +46,7 @@ __all__ = [
     "compute_ihvp_streaming",
     "hessian_rows",
     "score_surrogate_batch",
+    "split_direction",
     "dense_hessian",
     "directional_derivatives",
     "flatten_params",
@@ -518,14 +519,29 @@ def solve_ihvp(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], g_bar:
 # --------------------------------------------------------------------------- per-sample products
 
 
-def directional_derivatives(model: nn.Module, loss_fn: LossFn, batch: Any, v: Tensor, *,
+def split_direction(model: nn.Module, v: Any) -> dict[str, Tensor]:
+    """A flat direction v as one contiguous tensor per trainable parameter (parameters' dtype).
+
+    Pass the result as ``v`` of :func:`directional_derivatives` when the same v scores many
+    batches (the actors do): a tangent that is a view into a flat v does not match its
+    parameter's storage, and forward AD then zero-fills and copies a parameter-sized buffer on
+    every call (measured: 20 ms per call for a 250k-item embedding, half of the whole pass).
+    """
+    params = trainable_params(model)
+    dtype = next(iter(params.values())).dtype
+    vt = v if torch.is_tensor(v) else torch.as_tensor(np.asarray(v))
+    return {k: t.clone() for k, t in unflatten(vt.to(dtype), params).items()}
+
+
+def directional_derivatives(model: nn.Module, loss_fn: LossFn, batch: Any, v: Tensor | Mapping[str, Tensor], *,
                             method: str = "jvp", eps: float = 5e-3) -> Tensor:
     """grad L_s . v for every sample s of the batch, in one pass (no per-sample loop).
 
     Args:
         model, loss_fn: as in :func:`mean_gradient`.
         batch: one batch.
-        v: flat direction (e.g. the iHVP solution).
+        v: flat direction (e.g. the iHVP solution), or its :func:`split_direction` (faster when
+            reused across batches).
         method: "jvp" (forward-mode ``torch.func.jvp`` over ``functional_call``: one forward
             with tangents; exact to float rounding) or "fd" (central finite difference
             (L(theta + h v) - L(theta - h v)) / 2h, two plain forwards, h = eps * max(1, ||theta||) / ||v||).
@@ -538,23 +554,31 @@ def directional_derivatives(model: nn.Module, loss_fn: LossFn, batch: Any, v: Te
         Tensor [B] (detached), in batch order.
 
     Raises:
-        ConfigError: unknown method.
+        ConfigError: unknown method, or a split v whose names are not the trainable parameters.
     """
     params = trainable_params(model)
+    if isinstance(v, Mapping):
+        if set(v) != set(params):
+            raise ConfigError([f"v has tensors for {sorted(set(v) ^ set(params))[:5]} that are not (or not all) "
+                               "the trainable parameters; build it with split_direction(model, v)"],
+                              config="directional_derivatives")
+        vs = dict(v)
+    else:
+        vs = split_direction(model, v)
+    dtype = next(iter(vs.values())).dtype
     with _eval_mode(model), torch.no_grad():
         if method == "jvp":
             wrapper = _LossModule(model, loss_fn)
             prim = {"model." + k: p.detach() for k, p in params.items()}
-            tang = {"model." + k: t for k, t in unflatten(v.to(next(iter(params.values())).dtype), params).items()}
+            tang = {"model." + k: vs[k] for k in params}
             _, d = jvp(lambda p: functional_call(wrapper, p, (batch,)), (prim,), (tang,))
             return _check_losses(d).detach()
         if method == "fd":
-            vn = float(v.norm())
+            vn = math.sqrt(sum(float(t.double().pow(2).sum()) for t in vs.values()))
             if vn == 0:
-                return torch.zeros(_batch_len(batch), dtype=v.dtype)
-            theta = flatten_params({k: p.detach() for k, p in params.items()})
-            h = eps * max(1.0, float(theta.norm())) / vn
-            vs = unflatten(v, params)
+                return torch.zeros(_batch_len(batch), dtype=dtype)
+            theta_norm = math.sqrt(sum(float(p.detach().double().pow(2).sum()) for p in params.values()))
+            h = eps * max(1.0, theta_norm) / vn
             backup = {k: p.detach().clone() for k, p in params.items()}
             try:
                 for k, p in params.items():
@@ -566,7 +590,7 @@ def directional_derivatives(model: nn.Module, loss_fn: LossFn, batch: Any, v: Te
             finally:
                 for k, p in params.items():
                     p.copy_(backup[k])
-            return ((lp - lm) / (2 * h)).to(v.dtype)
+            return ((lp - lm) / (2 * h)).to(dtype)
     raise ConfigError([f"method={method!r}: expected 'jvp' or 'fd'"], config="directional_derivatives")
 
 
@@ -772,7 +796,7 @@ def score_surrogate_batch(model: nn.Module, batch: Any, *, v: Any = None, n_trai
     Args:
         model: surrogate (eval mode is enforced).
         batch: dict of numpy (``sample_id``, ``history``, ``target``) or a samples Table.
-        v: iHVP solution (numpy or tensor), needed for "influence".
+        v: iHVP solution (numpy or tensor, or its :func:`split_direction`), needed for "influence".
         n_train: n, needed for "influence".
         what: subset of ("influence", "grand", "el2n").
         batch_size, max_len: engine batching (max_len None = the surrogate's). Rows are sorted
@@ -796,8 +820,7 @@ def score_surrogate_batch(model: nn.Module, batch: Any, *, v: Any = None, n_trai
     if "influence" in what:
         if v is None or not n_train:
             raise ValueError("influence needs v and n_train")
-        dtype = next(model.parameters()).dtype
-        vt = torch.as_tensor(np.asarray(v) if not torch.is_tensor(v) else v).to(dtype)
+        vt = v if isinstance(v, Mapping) else split_direction(model, v)  # once for every micro-batch
     out: dict[str, list[np.ndarray]] = {k: [] for k in ("sample_id", *what)}
     for b in batches:
         out["sample_id"].append(b["sample_id"].numpy().astype(np.int64))

@@ -243,3 +243,17 @@ def test_streamed_ihvp_equals_in_memory_and_the_subsampled_oracle(tiny):
     np.testing.assert_allclose(one["v"], v_oracle.numpy(), rtol=1e-6, atol=1e-9 * float(v_oracle.abs().max()))
     with pytest.raises(ValueError, match="no samples"):
         compute_ihvp_streaming(model, lambda: [], cfg, **quiet)
+
+
+def test_split_direction_gives_the_same_products_and_checks_names(tiny):
+    from engine.influence import split_direction
+
+    model, v, b = tiny["model"], tiny["v"], tiny["batches"][0]
+    vs = split_direction(model, v.numpy())
+    assert all(t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size() for t in vs.values())
+    for method in ("jvp", "fd"):
+        torch.testing.assert_close(directional_derivatives(model, surrogate_loss, b, vs, method=method),
+                                   directional_derivatives(model, surrogate_loss, b, v, method=method),
+                                   rtol=1e-12, atol=0.0)
+    with pytest.raises(ConfigError, match="split_direction"):
+        directional_derivatives(model, surrogate_loss, b, {k: t for k, t in list(vs.items())[1:]})
