@@ -37,6 +37,7 @@ from engine.influence import (
     InfluenceConfig,
     directional_derivatives,
     hessian_rows,
+    split_direction,
     flatten_params,
     mean_gradient,
     solve_ihvp,
@@ -125,13 +126,15 @@ def speed(args: argparse.Namespace) -> None:
             for b in micro:
                 surrogate_loss(model, b)
 
+    vs = split_direction(model, v)  # once, as the actors do
+
     def jvp_pass():
         for b in micro:
-            directional_derivatives(model, surrogate_loss, b, v)
+            directional_derivatives(model, surrogate_loss, b, vs)
 
     def fd_pass():
         for b in micro:
-            directional_derivatives(model, surrogate_loss, b, v, method="fd")
+            directional_derivatives(model, surrogate_loss, b, vs, method="fd")
 
     plist = list(params.values())
     n_loop = min(args.loop_samples, args.batch)

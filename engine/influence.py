@@ -574,10 +574,10 @@ def directional_derivatives(model: nn.Module, loss_fn: LossFn, batch: Any, v: Te
             _, d = jvp(lambda p: functional_call(wrapper, p, (batch,)), (prim,), (tang,))
             return _check_losses(d).detach()
         if method == "fd":
-            vn = math.sqrt(sum(float(t.double().pow(2).sum()) for t in vs.values()))
+            vn = math.hypot(*(float(torch.linalg.vector_norm(t)) for t in vs.values()))
             if vn == 0:
                 return torch.zeros(_batch_len(batch), dtype=dtype)
-            theta_norm = math.sqrt(sum(float(p.detach().double().pow(2).sum()) for p in params.values()))
+            theta_norm = math.hypot(*(float(torch.linalg.vector_norm(p.detach())) for p in params.values()))
             h = eps * max(1.0, theta_norm) / vn
             backup = {k: p.detach().clone() for k, p in params.items()}
             try:
