@@ -108,11 +108,11 @@ class _Measured:
 
 
 def _import(path: str):
-    module, _, name = path.partition(":")
-    if not name and path != "influence":
-        raise SystemExit(f"--scorer must be 'module:Class', got {path!r}")
     if path == "influence":
         return InfluenceBench
+    module, _, name = path.partition(":")
+    if not name:
+        raise SystemExit(f"--scorer must be 'module:Class', got {path!r}")
     if module in ("__main__", Path(__file__).stem):
         return globals()[name]
     return getattr(importlib.import_module(module), name)

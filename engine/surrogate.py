@@ -512,7 +512,8 @@ class SASRec(_Encoder):
         super().__init__(n_items, cfg, causal=True)
 
     def per_sample_loss(self, batch: Mapping[str, Tensor]) -> Tensor:
-        """Mean full-softmax CE over the positions of each sample's training sequence, [B]."""
+        """Mean CE over the positions of each sample's training sequence, [B]: full softmax, or
+        (loss='sampled') softmax over the target and the sample's fixed negatives."""
         return self._loss(batch, self.negatives_for(batch))
 
     def _loss(self, batch: Mapping[str, Tensor], negs: Tensor | None) -> Tensor:

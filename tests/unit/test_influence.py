@@ -28,19 +28,10 @@ from engine.influence import (
 )
 from engine.surrogate import SurrogateConfig, make_batches, surrogate_loss, train_surrogate
 
+from tests.unit.test_surrogate import random_samples
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-
-
-def random_samples(n, n_items, max_hist, seed):
-    rng = np.random.default_rng(seed)
-    hists = [rng.integers(0, n_items, rng.integers(0, max_hist + 1)).tolist() for _ in range(n)]
-    return pa.table({
-        "sample_id": pa.array(np.arange(n), pa.int64()),
-        "user_id": [str(i) for i in range(n)],
-        "history": pa.array(hists, pa.list_(pa.int32())),
-        "target": pa.array(rng.integers(0, n_items, n), pa.int32()),
-    })
 
 
 N, N_ITEMS, MAX_LEN = 40, 8, 5

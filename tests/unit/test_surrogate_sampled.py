@@ -16,12 +16,10 @@ from engine.errors import ConfigError
 from engine.influence import (
     dense_hessian,
     directional_derivatives,
-    flatten_params,
     hessian_vector_product,
     influence_scores,
     mean_gradient,
     solve_ihvp,
-    trainable_params,
 )
 from engine.surrogate import (
     ITEM_OFFSET,
@@ -35,6 +33,7 @@ from engine.surrogate import (
     train_surrogate,
 )
 
+from tests.unit.test_influence import _loop_grads
 from tests.unit.test_surrogate import cyclic_data, random_samples
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -131,15 +130,6 @@ def tiny_sampled():
     evals = torch.linalg.eigvalsh(dense_hessian(model, surrogate_loss, batches))
     damping = max(0.0, -float(evals[0])) + 0.5
     return dict(t=t, model=model, batches=batches, g=g, n=n, damping=damping)
-
-
-def _loop_grads(model, batch):
-    out = []
-    for i in range(len(batch["sample_id"])):
-        b = {k: v[i:i + 1] for k, v in batch.items()}
-        out.append(flatten_params(torch.autograd.grad(surrogate_loss(model, b).sum(),
-                                                      list(trainable_params(model).values()))))
-    return torch.stack(out)
 
 
 def test_sampled_influence_matches_exact_solve_and_loop(tiny_sampled):
