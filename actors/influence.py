@@ -26,7 +26,8 @@ import numpy as np
 import ray
 
 from engine.surrogate import surrogate_from_payload
-from engine.influence import score_surrogate_batch, split_direction
+from engine.influence import DirectionalDerivatives, score_surrogate_batch
+from engine.surrogate import surrogate_loss
 
 WHAT = ("influence", "grand", "el2n")
 
@@ -46,12 +47,14 @@ class SurrogateScorer:
         batch_size: samples per engine batch inside one Ray batch.
         max_len: sequence window (None = the surrogate's).
         method: "jvp" (default) or "fd" for the directional derivatives.
+        compile: compile the "jvp" pass with ``torch.compile`` once per actor (see
+            ``engine.influence.DirectionalDerivatives``).
         num_threads: torch intra-op threads (None = leave torch's default).
     """
 
     def __init__(self, surrogate_ref, v_ref=None, *, n_train: int | None = None,
                  what: Sequence[str] = WHAT, batch_size: int = 256, max_len: int | None = None,
-                 method: str = "jvp", num_threads: int | None = None):
+                 method: str = "jvp", compile: bool = False, num_threads: int | None = None):
         what = tuple(what)
         bad = [w for w in what if w not in WHAT]
         if bad or not what:
@@ -63,21 +66,25 @@ class SurrogateScorer:
 
             torch.set_num_threads(int(num_threads))
         self.model = surrogate_from_payload(_get(surrogate_ref))
-        # split once per actor: every batch then reuses per-parameter tangents (no O(m) copies)
-        self.v = None if v_ref is None else split_direction(self.model, np.asarray(_get(v_ref)))
+        # once per actor: v split into per-parameter tangents (no O(m) copies per batch), the
+        # forward-mode pass compiled when asked
+        self.directional = None
+        if "influence" in what:
+            self.directional = DirectionalDerivatives(self.model, surrogate_loss, np.asarray(_get(v_ref)),
+                                                      method=method, compile=compile)
         self.n_train = None if n_train is None else int(n_train)
         self.what, self.batch_size, self.method = what, int(batch_size), method
         self.max_len = int(max_len or self.model.cfg.max_len)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return score_surrogate_batch(self.model, batch, v=self.v, n_train=self.n_train, what=self.what,
-                                     batch_size=self.batch_size, max_len=self.max_len, method=self.method)
+        return score_surrogate_batch(self.model, batch, directional=self.directional, n_train=self.n_train,
+                                     what=self.what, batch_size=self.batch_size, max_len=self.max_len)
 
 
 class InfluenceScorer(SurrogateScorer):
     """Influence only: ``{"sample_id", "influence"}`` per sample (see :class:`SurrogateScorer`)."""
 
     def __init__(self, surrogate_ref, v_ref, *, n_train: int, batch_size: int = 256, max_len: int | None = None,
-                 method: str = "jvp", num_threads: int | None = None):
+                 method: str = "jvp", compile: bool = False, num_threads: int | None = None):
         super().__init__(surrogate_ref, v_ref, n_train=n_train, what=("influence",), batch_size=batch_size,
-                         max_len=max_len, method=method, num_threads=num_threads)
+                         max_len=max_len, method=method, compile=compile, num_threads=num_threads)

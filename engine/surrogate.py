@@ -365,6 +365,42 @@ def make_batches(samples: Any, *, batch_size: int, max_len: int,
     return [_slice_encoded(enc, rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
 
 
+def length_bucket(t: int, max_len: int) -> int:
+    """The padded length of a batch of length ``t``: the next power of two >= 8, at most ``max_len``."""
+    b = 8
+    while b < t:
+        b *= 2
+    return max(t, min(b, max_len))
+
+
+def pad_batch(batch: Mapping[str, Tensor], rows: int, length: int) -> dict[str, Tensor]:
+    """A samples batch (from :func:`make_batches`) grown to ``rows`` rows and ``length`` positions.
+
+    Sequences are left-padded (``seq`` PAD, ``labels`` -1); added rows are empty sequences with
+    sample_id -1. Per-sample losses of the real rows are unchanged (a sample's loss depends on
+    its own positions only; padded positions are masked) and an added row's loss is 0. Used to
+    give a compiled pass few distinct shapes.
+
+    Raises:
+        ValueError: the batch is larger than (rows, length), or has a key this cannot pad.
+    """
+    b, t = batch["seq"].shape
+    if b > rows or t > length:
+        raise ValueError(f"pad_batch: batch of shape {(b, t)} does not fit {(rows, length)}")
+    out: dict[str, Tensor] = {}
+    for k, x in batch.items():
+        if k in ("seq", "labels"):
+            new = x.new_full((rows, length), PAD if k == "seq" else -1)
+            new[:b, length - t:] = x
+        elif x.dim() == 1:
+            new = x.new_full((rows,), -1 if k == "sample_id" else 0)
+            new[:b] = x
+        else:
+            raise ValueError(f"pad_batch: cannot pad key {k!r} of shape {tuple(x.shape)}")
+        out[k] = new
+    return out
+
+
 # --------------------------------------------------------------------------- models
 
 

@@ -90,6 +90,7 @@ class ScaleConfig:
     influence_cpus: float = field(default=1.0, metadata={"help": "CPUs per surrogate actor"})
     influence_batch_size: int = field(default=256, metadata={"help": "samples per Ray Data batch sent to a surrogate actor"})
     influence_micro_batch: int = field(default=64, metadata={"help": "samples per forward inside a surrogate actor (length-sorted: less padding)"})
+    influence_compile: bool = field(default=False, metadata={"help": "torch.compile the influence (jvp) pass once per actor: ~2.5x faster scoring after a one-off ~10-60 s compile per actor; worth it from a few 100k samples per actor (needs a C++ compiler on CPU nodes)"})
     effort_actors: int = field(default=0, metadata={"help": "LLM actor pool size (0 = auto: one per GPU, else one per effort-cpus CPUs)"})
     effort_cpus: float = field(default=1.0, metadata={"help": "CPUs per LLM actor"})
     effort_gpus: float = field(default=-1.0, metadata={"help": "GPUs per LLM actor (-1 = 1 where the cluster has GPUs)"})
@@ -108,6 +109,8 @@ class ScaleConfig:
             check(p, int(getattr(self, name)) >= 1, f"{name} must be >= 1, got {getattr(self, name)!r}")
         for name in ("influence_cpus", "effort_cpus"):
             check(p, float(getattr(self, name)) > 0, f"{name} must be > 0, got {getattr(self, name)!r}")
+        check(p, isinstance(self.influence_compile, bool),
+              f"influence_compile must be true or false, got {self.influence_compile!r}")
         raise_if(p, config="ScaleConfig")
 
 
@@ -166,6 +169,9 @@ def add_arguments(p: argparse.ArgumentParser, *, defaults: dict | None = None) -
                    help="damping d of (H + dI)^-1 (an L2 term of the objective); the authors' value 0.01")
     g.add_argument("--ihvp-max-iter", type=int, default=150,
                    help="cg: maximum iterations (each is one Hessian pass; it stops earlier at relative residual 1e-3)")
+    g.add_argument("--influence-method", default="jvp", choices=("jvp", "fd"),
+                   help="per-sample directional derivatives: forward-mode JVP (exact) or a central finite "
+                        "difference (two forwards, ~2e-4 relative error)")
     g.add_argument("--hessian-samples", type=int, default=4096,
                    help="samples in the fixed subsampled Hessian of the iHVP (0 = all)")
     g = p.add_argument_group("LLM (effort)")
@@ -177,7 +183,12 @@ def add_arguments(p: argparse.ArgumentParser, *, defaults: dict | None = None) -
     g.add_argument("--cutoff-len", type=int, default=512, help="max tokens per prompt")
     g = p.add_argument_group("scale")
     for f in ScaleConfig.__dataclass_fields__.values():
-        g.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default, help=f.metadata["help"])
+        if isinstance(f.default, bool):
+            g.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction, default=f.default,
+                           help=f.metadata["help"])
+        else:
+            g.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
+                           help=f.metadata["help"])
 
 
 def config_from_args(args: argparse.Namespace) -> PruneJobConfig:
@@ -194,7 +205,7 @@ def config_from_args(args: argparse.Namespace) -> PruneJobConfig:
     if args.surrogate_minutes is not None:
         sur_kw["max_minutes"] = args.surrogate_minutes
     inf_kw = {"solver": args.solver, "damping": args.damping, "max_iter": args.ihvp_max_iter,
-              "hessian_samples": args.hessian_samples or None}
+              "hessian_samples": args.hessian_samples or None, "method": args.influence_method}
     llm_kw = {"model": args.llm, "adapter": args.adapter, "seed": args.seed,
               "cache_dir": str(Path(args.llm_cache).resolve())}
     builders = [
@@ -214,6 +225,11 @@ def config_from_args(args: argparse.Namespace) -> PruneJobConfig:
             "`dealrec prepare --format recbole --input ../shared/data/movielens-100k --out DIR`, or "
             "`dealrec prepare --format synthetic --out DIR` (embedded demo set)"
         )
+    if args.influence_compile and args.influence_method != "jvp":
+        problems.append(f"influence_compile: compiles the jvp pass; --influence-method is {args.influence_method!r}")
+    if args.influence_compile and args.surrogate_loss != "sampled":
+        problems.append(f"influence_compile: needs --surrogate-loss sampled (got {args.surrogate_loss!r}: the full "
+                        "softmax gathers positions by data-dependent shapes and does not compile as one graph)")
     raise_if(problems, config="prune job")
     return PruneJobConfig(data=str(Path(args.data).resolve()), out=str(Path(args.out).resolve()),
                           overwrite=args.overwrite, **built)
@@ -355,7 +371,8 @@ def run_prune(cfg: PruneJobConfig, *, log=print) -> dict:
             ray, files, run.path("shards/surrogate"), SurrogateScorer,
             constructor_args=(state_ref, v_ref),
             constructor_kwargs={"n_train": n, "batch_size": cfg.scale.influence_micro_batch,
-                                "what": surrogate_columns(cfg.method)},
+                                "what": surrogate_columns(cfg.method), "method": cfg.influence.method,
+                                "compile": cfg.scale.influence_compile},
             output_columns=("sample_id", *surrogate_columns(cfg.method)),
             batch_size=cfg.scale.influence_batch_size,
             num_actors=inf_actors, num_cpus=inf_cpus, num_gpus=0.0, cfg=cfg, log=log, name="influence",

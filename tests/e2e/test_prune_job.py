@@ -116,6 +116,31 @@ def test_config_errors_are_reported_together_before_any_work(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_influence_compile_flag_is_parsed_and_checked(tmp_path):
+    from jobs.prune import config_from_args
+
+    data = tmp_path / "data"
+    data.mkdir()
+    assert config_from_args(prune_args(data, tmp_path / "o", "--influence-compile")).scale.influence_compile is True
+    assert config_from_args(prune_args(data, tmp_path / "o", "--no-influence-compile")).scale.influence_compile is False
+    with pytest.raises(ConfigError) as e:
+        config_from_args(prune_args(data, tmp_path / "o", "--influence-compile", "--surrogate-loss", "full",
+                                    "--influence-method", "fd"))
+    assert "--surrogate-loss sampled" in str(e.value) and "--influence-method is 'fd'" in str(e.value)
+
+
+def test_compiled_influence_actors_give_the_same_scores(ray_cluster, synthetic_small, tmp_path, llm_cache):
+    """--influence-compile: every surrogate actor compiles the jvp pass once; scores unchanged."""
+    runs = {}
+    for name, extra in (("eager", ()), ("compiled", ("--influence-compile",))):
+        run_job(synthetic_small, tmp_path / name, "--budget", "40", "--method", "influence-only", *extra,
+                cache=llm_cache)
+        runs[name] = pq.read_table(tmp_path / name / "scores.parquet").to_pandas().sort_values("sample_id")
+    a, b = runs["eager"], runs["compiled"]
+    assert a["sample_id"].tolist() == b["sample_id"].tolist()
+    np.testing.assert_allclose(b["influence"], a["influence"], rtol=1e-4, atol=1e-6 * a["influence"].abs().max())
+
+
 def test_budget_larger_than_data_refused_before_work(ray_cluster, synthetic_small, tmp_path, llm_cache):
     with pytest.raises(ConfigError, match="budget"):
         run_job(synthetic_small, tmp_path / "run", "--budget", "100000", cache=llm_cache)

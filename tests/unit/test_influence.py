@@ -248,3 +248,66 @@ def test_split_direction_gives_the_same_products_and_checks_names(tiny):
                                    rtol=1e-12, atol=0.0)
     with pytest.raises(ConfigError, match="split_direction"):
         directional_derivatives(model, surrogate_loss, b, {k: t for k, t in list(vs.items())[1:]})
+
+
+def _graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def test_compile_of_a_loss_with_data_dependent_shapes_is_a_clear_error(tiny):
+    """The full-softmax loss gathers valid positions (data-dependent shapes): compiling it as one
+    graph fails, and says so instead of silently running eager."""
+    from engine.influence import DirectionalDerivatives
+
+    compiled = DirectionalDerivatives(tiny["model"], surrogate_loss, tiny["v"], compile=True)
+    with pytest.raises(ConfigError, match="does not compile as one graph"):
+        compiled(tiny["batches"][0])
+
+
+def test_compiled_scoring_pads_to_few_shapes_and_keeps_the_values():
+    """score_surrogate_batch with a compiled pass (the actors' path) on the prune job's default
+    loss (sampled softmax): padded micro-batches, values of the eager path in input order."""
+    from engine.influence import DirectionalDerivatives, score_surrogate_batch
+    from engine.surrogate import build_surrogate, length_bucket, pad_batch
+
+    assert [length_bucket(t, 50) for t in (1, 8, 9, 31, 33, 50)] == [8, 8, 16, 32, 50, 50]
+    assert length_bucket(3, 5) == 5
+    torch.manual_seed(0)
+    t = random_samples(n=30, n_items=40, max_hist=8, seed=5)
+    model = build_surrogate(40, SurrogateConfig(hidden=8, n_blocks=1, max_len=6, loss="sampled", negatives=6)).double()
+    m = sum(p.numel() for p in trainable_params(model).values())
+    v = torch.randn(m, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    b = make_batches(t, batch_size=9, max_len=6, order="length")[0]
+    padded = pad_batch(b, 12, 6)
+    assert padded["seq"].shape == (12, 6) and (padded["sample_id"][9:] == -1).all()
+    losses = surrogate_loss(model.eval(), padded)
+    torch.testing.assert_close(losses[:9], surrogate_loss(model, b))
+    assert (losses[9:] == 0).all()
+    with pytest.raises(ValueError, match="does not fit"):
+        pad_batch(b, 4, 6)
+
+    batch = {"sample_id": t.column("sample_id").to_numpy(), "target": t.column("target").to_numpy(),
+             "history": np.array([np.array(h, dtype=np.int32) for h in t.column("history").to_pylist()], dtype=object)}
+    ref = score_surrogate_batch(model, batch, v=v, n_train=30, what=("influence",), batch_size=9)
+    loop = torch.cat([_loop_grads(model, bb) @ v for bb in make_batches(t, batch_size=30, max_len=6)]).numpy() / 30
+    np.testing.assert_allclose(ref["influence"], loop, rtol=1e-9, atol=1e-14)
+    before = _graphs()
+    compiled = DirectionalDerivatives(model, surrogate_loss, v, compile=True)
+    got = score_surrogate_batch(model, batch, directional=compiled, n_train=30, what=("influence",), batch_size=9)
+    assert _graphs() == before + 1  # 4 micro-batches (9, 9, 9, 3 rows; lengths 1..6) -> one shape (9, 6)
+    np.testing.assert_array_equal(got["sample_id"], ref["sample_id"])
+    np.testing.assert_allclose(got["influence"], ref["influence"], rtol=1e-9, atol=1e-14)
+
+
+def test_directional_options_are_checked(tiny):
+    from engine.influence import DirectionalDerivatives
+
+    model, v = tiny["model"], tiny["v"]
+    with pytest.raises(ConfigError, match="compile=True needs method='jvp'"):
+        DirectionalDerivatives(model, surrogate_loss, v, method="fd", compile=True)
+    with pytest.raises(ConfigError, match="method='hvp'"):
+        DirectionalDerivatives(model, surrogate_loss, v, method="hvp")
+    with pytest.raises(ConfigError, match="eps=0.0"):
+        DirectionalDerivatives(model, surrogate_loss, v, method="fd", eps=0.0)
