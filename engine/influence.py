@@ -742,10 +742,9 @@ class InfluenceConfig:
 def hessian_rows(n: int, cfg: InfluenceConfig) -> np.ndarray | None:
     """Row positions (0..n-1, in the order samples are streamed) of the fixed Hessian subsample:
     a seeded random ``hessian_samples`` of them, sorted; None = all rows."""
-    if cfg.hessian_samples is None or cfg.hessian_samples >= n:
-        return None
-    rng = np.random.default_rng(cfg.seed)
-    return np.sort(rng.choice(n, size=int(cfg.hessian_samples), replace=False))
+    from engine.data.schema import sample_rows
+
+    return sample_rows(n, cfg.hessian_samples, cfg.seed)
 
 
 def _take_rows(chunk: Any, idx: np.ndarray) -> Any:

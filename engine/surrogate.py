@@ -58,7 +58,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -133,6 +133,10 @@ class SurrogateConfig:
         metadata={"help": "positions per full-softmax chunk (memory: chunk x n_items floats; 256 keeps it in cache)"}
     )
     seed: int = field(default=0, metadata={"help": "seed of initialisation, shuffling and masks"})
+    valid_users: int | None = field(
+        default=None,
+        metadata={"help": "early stopping evaluates a seeded random subset of this many validation users "
+                          "(None = all): bounded validation time and memory on millions of users"})
     max_minutes: float | None = field(default=None, metadata={"help": "time box for training (None = no limit)"})
     log_every: int = field(default=50, metadata={"help": "log a progress line every this many batches (0 = never)"})
     distributed: str = field(
@@ -173,6 +177,8 @@ class SurrogateConfig:
         check(p, isinstance(self.epochs, int) and self.epochs >= 1, f"epochs={self.epochs!r}: must be >= 1")
         check(p, isinstance(self.patience, int) and self.patience >= 1, f"patience={self.patience!r}: must be >= 1")
         check(p, isinstance(self.eval_k, int) and self.eval_k >= 1, f"eval_k={self.eval_k!r}: must be >= 1")
+        check(p, self.valid_users is None or (isinstance(self.valid_users, int) and self.valid_users >= 1),
+              f"valid_users={self.valid_users!r}: must be an int >= 1 or None (all)")
         check(p, 0.0 < self.mask_prob < 1.0, f"mask_prob={self.mask_prob!r}: must be in (0, 1)")
         check(p, self.loss in LOSSES, f"loss={self.loss!r}: expected one of {LOSSES}")
         check(p, isinstance(self.negatives, int) and not isinstance(self.negatives, bool) and self.negatives >= 1,
@@ -770,8 +776,14 @@ def _no_log(_: str) -> None:
     return None
 
 
+def _take_rows(table: Any, rows: np.ndarray) -> Any:
+    if hasattr(table, "take"):
+        return table.take(pa.array(rows, pa.int64()))
+    return {k: np.asarray(v)[rows] for k, v in table.items()}
+
+
 def train_surrogate(
-    samples: pa.Table | Mapping[str, np.ndarray],
+    samples: pa.Table | Mapping[str, np.ndarray] | Sequence[Callable[[], Any]],
     n_items: int,
     cfg: SurrogateConfig,
     *,
@@ -799,8 +811,15 @@ def train_surrogate(
     BERT4Rec's training masks) use a per-(seed, rank) stream; rank 0's is the local one, so
     ``world_size=1`` gives exactly the local result. Only rank 0 logs.
 
+    Streaming (bounded memory): ``samples`` may be a list of loaders, each a callable that
+    returns one chunk (a Table or dict of numpy; e.g. one samples Parquet file). Every epoch
+    visits the chunks in a seeded random order and each chunk's rows in a seeded random order
+    (the usual file-level + in-file shuffle of streamed training), so only one chunk is held
+    at a time; data-parallel ranks all read each chunk and take their stride of it (cyclic
+    padding per chunk). One chunk (an in-memory table) gives exactly the in-memory result.
+
     Args:
-        samples: canonical samples (Table or dict of numpy).
+        samples: canonical samples (Table or dict of numpy), or a list of chunk loaders.
         n_items: catalogue size.
         cfg: validated :class:`SurrogateConfig`.
         valid: optional valid table (history, targets) for early stopping; read on rank 0 only
@@ -842,10 +861,23 @@ def train_surrogate(
     model = build_surrogate(n_items, cfg)  # seeds the global RNG with cfg.seed: same init on every rank
     if rank > 0:
         torch.manual_seed(_rank_seed(cfg.seed, rank))  # dropout stream of this rank
-    enc = encode_samples(samples, max_len=cfg.max_len)
-    if enc["labels"].max(initial=-1) >= n_items:
-        raise DataError(f"item id >= n_items={n_items}", field="history/target", value=int(enc["labels"].max()))
-    n = len(enc["sample_id"])
+    in_memory = not (isinstance(samples, Sequence) and all(callable(c) for c in samples))
+    if not in_memory and not samples:
+        raise DataError("no sample chunks to train on", field="samples", value=0)
+    loaders: list[Callable[[], Any]] = [lambda: samples] if in_memory else list(samples)
+    cached: dict[int, dict[str, np.ndarray]] = {}
+
+    def chunk(i: int) -> dict[str, np.ndarray]:
+        if i in cached:
+            return cached[i]
+        enc = encode_samples(loaders[i](), max_len=cfg.max_len)
+        if enc["labels"].max(initial=-1) >= n_items:
+            raise DataError(f"item id >= n_items={n_items}", field="history/target", value=int(enc["labels"].max()))
+        if in_memory:
+            cached[i] = enc
+        return enc
+
+    sizes = [len(chunk(0)["sample_id"])] if in_memory else None
     step: nn.Module = _TrainStep(model)
     if wrap_model is not None:
         step = wrap_model(step)
@@ -857,6 +889,12 @@ def train_surrogate(
 
     valid_batches = None
     if valid is not None and rank == 0:
+        from engine.data.schema import sample_rows
+
+        keep = sample_rows(valid.num_rows if hasattr(valid, "num_rows") else len(valid["history"]),
+                           cfg.valid_users, cfg.seed)
+        if keep is not None:  # (read_split(max_rows=valid_users, seed=seed) already gives this subset)
+            valid = _take_rows(valid, keep)
         valid_batches = [to_device(b) for b in make_batches(valid, batch_size=512, max_len=cfg.max_len)]
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     rng = np.random.default_rng(cfg.seed)
@@ -864,39 +902,61 @@ def train_surrogate(
     history: list[dict[str, float]] = []
     best, best_state, bad = -1.0, None, 0
     t_start = time.perf_counter()
-    per_rank = -(-n // world_size)  # samples per rank and epoch (after cyclic padding)
     batch = cfg.batch_size // world_size
-    n_batches = math.ceil(per_rank / batch)
-    log(f"[surrogate] {cfg.model}: {sum(p.numel() for p in model.parameters()):,} parameters, "
-        f"{n:,} samples, {n_items:,} items, {n_batches} batches/epoch"
-        + (f" per rank ({world_size} ranks x {batch} samples, {per_rank * world_size - n} padded)"
-           if distributed else ""))
+
+    def batches_of(n_rows: int) -> int:  # this rank's batches for a chunk of n_rows
+        return math.ceil(-(-n_rows // world_size) / batch)
+
+    n_params = sum(p.numel() for p in model.parameters())
+    if sizes is not None:
+        n = sizes[0]
+        per_rank = -(-n // world_size)  # samples per rank and epoch (after cyclic padding)
+        n_batches: int | str = batches_of(n)
+        log(f"[surrogate] {cfg.model}: {n_params:,} parameters, {n:,} samples, {n_items:,} items, "
+            f"{n_batches} batches/epoch"
+            + (f" per rank ({world_size} ranks x {batch} samples, {per_rank * world_size - n} padded)"
+               if distributed else ""))
+    else:
+        n_batches = "?"
+        log(f"[surrogate] {cfg.model}: {n_params:,} parameters, {len(loaders)} sample chunks streamed "
+            f"(one in memory at a time), {n_items:,} items"
+            + (f", {world_size} ranks x {batch} samples per step" if distributed else ""))
     for epoch in range(1, cfg.epochs + 1):
         step.train()
         t0 = time.perf_counter()
-        perm = rng.permutation(n)
-        if distributed:
-            perm = np.resize(perm, per_rank * world_size)[rank::world_size]
-        tot, seen = 0.0, 0
+        tot, seen, bi = 0.0, 0, 0
         timed_out = False
-        for bi, s in enumerate(range(0, len(perm), batch)):
-            b = to_device(_slice_encoded(enc, perm[s:s + batch]))
-            loss = step(b, gen)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            tot += float(loss.detach()) * len(b["sample_id"])
-            seen += len(b["sample_id"])
-            if cfg.log_every and (bi + 1) % cfg.log_every == 0:
-                log(f"[surrogate] epoch {epoch} batch {bi + 1}/{n_batches} loss {tot / seen:.4f} "
-                    f"({time.perf_counter() - t0:.0f}s)")
-            if cfg.max_minutes is not None:
-                over = time.perf_counter() - t_start > cfg.max_minutes * 60
-                if distributed:
-                    over = any(reduce_fn(over))  # every rank stops after the same batch
-                if over:
-                    timed_out = True
-                    break
+        order = rng.permutation(len(loaders)) if len(loaders) > 1 else [0]
+        for ci in order:
+            enc = chunk(int(ci))
+            n_c = len(enc["sample_id"])
+            perm = rng.permutation(n_c)
+            if distributed:
+                perm = np.resize(perm, -(-n_c // world_size) * world_size)[rank::world_size]
+            for s in range(0, len(perm), batch):
+                b = to_device(_slice_encoded(enc, perm[s:s + batch]))
+                loss = step(b, gen)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                tot += float(loss.detach()) * len(b["sample_id"])
+                seen += len(b["sample_id"])
+                bi += 1
+                if cfg.log_every and bi % cfg.log_every == 0:
+                    log(f"[surrogate] epoch {epoch} batch {bi}/{n_batches} loss {tot / seen:.4f} "
+                        f"({time.perf_counter() - t0:.0f}s)")
+                if cfg.max_minutes is not None:
+                    over = time.perf_counter() - t_start > cfg.max_minutes * 60
+                    if distributed:
+                        over = any(reduce_fn(over))  # every rank stops after the same batch
+                    if over:
+                        timed_out = True
+                        break
+            del enc
+            if timed_out:
+                break
+        if sizes is None and epoch == 1 and not timed_out:
+            n_batches = bi
         val = evaluate_ranking(model, valid_batches, k=cfg.eval_k) if valid_batches is not None else None
         if distributed:
             parts = reduce_fn({"loss_sum": tot, "seen": seen, "timed_out": timed_out,

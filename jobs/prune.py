@@ -46,9 +46,9 @@ from engine.data.schema import (
     read_items,
     read_meta,
     read_parquet_checked,
-    read_samples,
     read_split,
     sample_files,
+    sample_loaders,
 )
 from engine.errors import ConfigError, DataError, check
 from engine.llm import LLMConfig
@@ -161,6 +161,9 @@ def add_arguments(p: argparse.ArgumentParser, *, defaults: dict | None = None) -
                         "(default; cost independent of the catalogue size) or over every item ('full', exact; "
                         "cost ~ n_items per position)")
     g.add_argument("--negatives", type=int, default=128, help="negatives per sample of --surrogate-loss sampled")
+    g.add_argument("--valid-users", type=int, default=50000,
+                   help="surrogate early stopping evaluates a seeded random subset of this many validation users "
+                        "(0 = all)")
     g.add_argument("--surrogate-train", default="local", choices=("local", "ray_train"),
                    help="train the surrogate on the driver (small data) or on Ray Train with DDP (large data)")
     g.add_argument("--surrogate-workers", type=int, default=2, help="Ray Train workers (with --surrogate-train ray_train)")
@@ -199,7 +202,8 @@ def config_from_args(args: argparse.Namespace) -> PruneJobConfig:
     if budget is None and ratio is None:
         budget = 1024
     sur_kw = {"model": args.surrogate, "seed": args.seed, "distributed": args.surrogate_train,
-              "num_workers": args.surrogate_workers, "loss": args.surrogate_loss, "negatives": args.negatives}
+              "num_workers": args.surrogate_workers, "loss": args.surrogate_loss, "negatives": args.negatives,
+              "valid_users": args.valid_users or None}
     if args.surrogate_epochs is not None:
         sur_kw["epochs"] = args.surrogate_epochs
     if args.surrogate_minutes is not None:
@@ -339,11 +343,11 @@ def run_prune(cfg: PruneJobConfig, *, log=print) -> dict:
             model, history = train_surrogate_ray(str(data), n_items, cfg.surrogate, out_dir=run.path("surrogate"),
                                                  log=log)
         else:
-            samples = read_samples(data)
-            valid = read_split(data, "valid")
-            log(f"[surrogate] training {cfg.surrogate.model} on {samples.num_rows} samples, {n_items} items")
-            model, history = sur.train_surrogate(samples, n_items, cfg.surrogate, valid=valid, log=log)
-            del samples
+            # streamed: one samples file in memory at a time, a seeded subset of validation users
+            valid = read_split(data, "valid", max_rows=cfg.surrogate.valid_users, seed=cfg.surrogate.seed)
+            log(f"[surrogate] training {cfg.surrogate.model} on {n_samples} samples in {len(files)} files, "
+                f"{n_items} items, {valid.num_rows} validation users")
+            model, history = sur.train_surrogate(sample_loaders(data), n_items, cfg.surrogate, valid=valid, log=log)
         sur.save_surrogate(model, cfg.surrogate, run.path("surrogate"))
         run.finish("surrogate", time.perf_counter() - t0, history=history)
 

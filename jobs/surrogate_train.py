@@ -4,9 +4,10 @@
 ``"local"`` runs :func:`engine.surrogate.train_surrogate` in the calling process (small data;
 what ``jobs/prune.py`` does today), ``"ray_train"`` runs the same epoch loop here, on a
 ``TorchTrainer`` with ``cfg.num_workers`` data-parallel ranks (large data). Every rank reads the
-samples Parquet files of the data folder, draws the same seeded epoch permutation and trains on
-its slice ``perm[rank::world]`` with ``batch_size // num_workers`` samples per step (so one DDP
-step matches a local step on ``batch_size`` samples); rank 0 runs the validation Recall@K and
+samples Parquet files of the data folder one at a time (a seeded file order per epoch, a
+seeded row order per file, the same on every rank) and trains on its slice ``perm[rank::world]``
+of each file with ``batch_size // num_workers`` samples per step (so one DDP step matches a local
+step of the streamed loop on ``batch_size`` samples); rank 0 runs the validation Recall@K and
 its early-stopping decision reaches every rank. Rank 0 saves the best model
 (:func:`engine.surrogate.save_surrogate`) into a Ray Train checkpoint; the driver copies it to
 ``out_dir`` and returns :func:`engine.surrogate.load_surrogate` of it.
@@ -15,9 +16,10 @@ Outputs in OUT: ``model.pt`` + ``config.json`` (the surrogate, ``load_surrogate(
 ``history.json`` (per-epoch metrics), ``surrogate_train.json`` (config, history, per-rank
 parameter checksums, wall time, workers, GPU use) and ``ray_train/`` (the Ray Train run).
 
-Data: each worker reads ALL samples (``read_samples``) and keeps its encoded matrices in memory
-(about ``2 x max_len x 8`` bytes per sample); fine up to tens of millions of samples per node.
-Beyond that, read only this rank's row groups or stream a Ray Data ``get_dataset_shard``.
+Data: each worker holds one samples file at a time (its encoded matrices, about ``2 x max_len x
+8`` bytes per sample of that file) and rank 0 a seeded subset of ``valid_users`` validation
+users, so memory does not grow with the number of samples; every rank reads every file (the
+reads, not the compute, scale with the number of workers).
 
 On a cluster (the data folder and OUT must be on storage every node sees)::
 
@@ -57,7 +59,7 @@ from typing import Any
 
 from engine import surrogate as sur
 from engine.config import versions
-from engine.data.schema import read_items, read_samples, read_split
+from engine.data.schema import read_items, read_split, sample_loaders
 from engine.errors import ConfigError, DataError
 from engine.surrogate import SurrogateConfig
 
@@ -90,8 +92,10 @@ def train_loop_per_worker(config: dict) -> None:
     cfg = SurrogateConfig.from_dict(config["cfg"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    samples = read_samples(config["data"])  # every rank reads all samples (see the module docstring)
-    valid = read_split(config["data"], "valid") if rank == 0 else None  # validation runs on rank 0
+    # every rank streams every samples file (one in memory at a time) and trains on its stride
+    samples = sample_loaders(config["data"])
+    valid = (read_split(config["data"], "valid", max_rows=cfg.valid_users, seed=cfg.seed)
+             if rank == 0 else None)  # validation runs on rank 0
 
     def wrap(module):
         return ray.train.torch.prepare_model(module)  # DDP when world > 1; moves to this rank's device
@@ -177,7 +181,9 @@ def train_surrogate_ray(
     if problems:
         raise ConfigError(problems, config="train_surrogate_ray")
     data = Path(data_dir).resolve()
-    read_split(data, "valid")  # fail on the driver, not in every worker, when the folder is not prepared
+    # fail on the driver, not in every worker, when the folder is not prepared
+    read_split(data, "valid", max_rows=1)
+    sample_loaders(data)
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     storage = Path(storage_path).resolve() if storage_path is not None else out

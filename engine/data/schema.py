@@ -116,6 +116,14 @@ def sample_files(data_dir: str | os.PathLike) -> list[Path]:
     return files
 
 
+def sample_loaders(data_dir: str | os.PathLike) -> list:
+    """One loader per samples Parquet file (a callable returning the schema-checked Table): the
+    streamed input of :func:`engine.surrogate.train_surrogate`, one file in memory at a time."""
+    from functools import partial
+
+    return [partial(read_parquet_checked, f, SAMPLES_SCHEMA) for f in sample_files(data_dir)]
+
+
 def read_samples(data_dir: str | os.PathLike, *, check_dense: bool = True) -> pa.Table:
     """All samples of a prepared folder, schema-checked, ordered by ``sample_id``."""
     tables = [read_parquet_checked(f, SAMPLES_SCHEMA) for f in sample_files(data_dir)]
@@ -139,11 +147,42 @@ def read_items(data_dir: str | os.PathLike) -> pa.Table:
     return t.sort_by("item_id")
 
 
-def read_split(data_dir: str | os.PathLike, split: str) -> pa.Table:
-    """The ``valid`` or ``test`` table of a prepared folder, schema-checked."""
+def sample_rows(n: int, k: int | None, seed: int) -> np.ndarray | None:
+    """A seeded random subset of ``k`` of the row positions 0..n-1, sorted; None = all rows
+    (k None or >= n). The one rule behind every fixed subsample (Hessian rows, validation users)."""
+    if k is None or k >= n:
+        return None
+    return np.sort(np.random.default_rng(seed).choice(n, size=int(k), replace=False))
+
+
+def read_split(data_dir: str | os.PathLike, split: str, *, max_rows: int | None = None, seed: int = 0) -> pa.Table:
+    """The ``valid`` or ``test`` table of a prepared folder, schema-checked.
+
+    ``max_rows``: keep a seeded random subset of that many rows (:func:`sample_rows`), read in
+    record batches so that memory stays that of the subset (millions of users).
+    """
     if split not in SPLITS:
         raise DataError(f"unknown split; expected one of {SPLITS}", field="split", value=split)
-    return read_parquet_checked(Path(data_dir) / f"{split}.parquet", SPLIT_SCHEMA)
+    path = Path(data_dir) / f"{split}.parquet"
+    if max_rows is None:
+        return read_parquet_checked(path, SPLIT_SCHEMA)
+    if not path.exists():
+        raise DataError("file not found", path=path)
+    try:
+        f = pq.ParquetFile(path)
+        rows = sample_rows(f.metadata.num_rows, max_rows, seed)
+        if rows is None:
+            return read_parquet_checked(path, SPLIT_SCHEMA)
+        parts, start = [], 0
+        for rb in f.iter_batches(batch_size=65536):
+            lo, hi = np.searchsorted(rows, [start, start + rb.num_rows])
+            if hi > lo:
+                parts.append(pa.Table.from_batches([rb]).take(pa.array(rows[lo:hi] - start)))
+            start += rb.num_rows
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DataError(f"not a readable Parquet file ({e})", path=path) from None
+    table = pa.concat_tables(parts) if parts else f.schema_arrow.empty_table()
+    return _check_schema(table, SPLIT_SCHEMA, path)
 
 
 def read_meta(data_dir: str | os.PathLike) -> dict:

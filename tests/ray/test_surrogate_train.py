@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.data.schema import PreparedWriter, atomic_dir, read_samples, read_split
+from engine.data.schema import PreparedWriter, atomic_dir, read_samples, read_split, sample_loaders
 from engine.errors import ConfigError
 from engine.surrogate import SurrogateConfig, evaluate_ranking, load_surrogate, make_batches, train_surrogate
 
@@ -70,6 +70,12 @@ def local_inputs(data):
     return read_samples(data), read_split(data, "valid")
 
 
+@pytest.fixture(scope="module")
+def local_streamed(data):
+    """What every Ray Train rank (and the prune job's local path) trains on: the files, streamed."""
+    return sample_loaders(data), read_split(data, "valid")
+
+
 # ---------------------------------------------------------------- no Ray needed
 def test_config_switch_validation():
     assert SurrogateConfig().distributed == "local" and SurrogateConfig().num_workers == 2
@@ -117,10 +123,10 @@ def test_two_workers_identical_ranks_and_beats_random(ray_cluster, data, tmp_pat
 
 @pytest.mark.ray
 @pytest.mark.timeout(600)
-def test_one_worker_equals_local(ray_cluster, data, local_inputs, tmp_path):
+def test_one_worker_equals_local(ray_cluster, data, local_streamed, tmp_path):
     from jobs.surrogate_train import train_surrogate_ray
 
-    samples, valid = local_inputs
+    samples, valid = local_streamed
     cfg = small_cfg(distributed="ray_train", num_workers=1)
     ray_model, ray_hist = train_surrogate_ray(str(data), N_ITEMS, cfg, out_dir=tmp_path / "sur", log=lambda s: None,
                                               use_gpu=False)
@@ -134,12 +140,14 @@ def test_one_worker_equals_local(ray_cluster, data, local_inputs, tmp_path):
 
 @pytest.mark.ray
 @pytest.mark.timeout(600)
-def test_two_workers_without_dropout_equal_local_batch(ray_cluster, data, local_inputs, tmp_path):
-    """200 samples, no padding: rank r's step-j batch is perm[64j + r :: 2][:32], so both ranks
-    together see local step j's 64 samples and DDP's averaged gradient is the local one."""
+def test_two_workers_without_dropout_equal_local_batch(ray_cluster, data, local_streamed, tmp_path):
+    """200 samples in files of 64, 64, 64 and 8 rows, streamed in the same seeded order by both
+    ranks and the local loop; no padding: rank r's batch of a file is perm[r::2][:32], so both
+    ranks together see the local batch's 64 (or 8) samples and DDP's averaged gradient is the
+    local one."""
     from jobs.surrogate_train import train_surrogate_ray
 
-    samples, valid = local_inputs
+    samples, valid = local_streamed
     cfg = small_cfg(distributed="ray_train", num_workers=2, dropout=0.0, epochs=2)
     ray_model, ray_hist = train_surrogate_ray(str(data), N_ITEMS, cfg, out_dir=tmp_path / "sur", log=lambda s: None,
                                               use_gpu=False)

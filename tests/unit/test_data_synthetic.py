@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 import engine.data.synthetic as synthetic
@@ -117,3 +118,24 @@ def test_size_flags_override_preset(tmp_path):
     total = sum(summary["counts"]["interactions"].values())
     assert 40 < total / 200 < 80  # Book's ~60 per user from the preset
     assert summary["config"]["preset"] == "book" and summary["seed"] == 3
+
+
+def test_read_split_subsample_is_the_seeded_rows_read_in_batches(tmp_path):
+    """read_split(max_rows=k) keeps sample_rows(n, k, seed) of the file, across record batches."""
+    import pyarrow.parquet as pq
+
+    from engine.data.schema import SPLIT_SCHEMA, read_split, sample_rows
+
+    n = 70_000  # more than one 65,536-row record batch
+    rng = np.random.default_rng(0)
+    table = pa.table({"user_id": [str(i) for i in range(n)],
+                      "history": pa.array([[int(i % 97)] for i in range(n)], pa.list_(pa.int32())),
+                      "targets": pa.array([[int(x)] for x in rng.integers(0, 97, n)], pa.list_(pa.int32()))},
+                     schema=SPLIT_SCHEMA)
+    pq.write_table(table, tmp_path / "valid.parquet", row_group_size=10_000)
+    rows = sample_rows(n, 500, 7)
+    assert len(rows) == 500 and (np.diff(rows) > 0).all() and rows[-1] > 65_536
+    got = read_split(tmp_path, "valid", max_rows=500, seed=7)
+    assert got.equals(table.take(pa.array(rows)))
+    assert read_split(tmp_path, "valid", max_rows=n + 1).num_rows == n
+    assert sample_rows(10, None, 0) is None and sample_rows(10, 10, 0) is None
