@@ -795,11 +795,11 @@ def compute_ihvp_streaming(model: nn.Module, chunks: Callable[[], Iterable[Any]]
         SolverError: the solve diverged or met negative curvature (message names the knob).
         ValueError: no samples.
     """
-    from engine.surrogate import length_bucket, make_batches, pad_batch, surrogate_loss
+    from engine.surrogate import make_batches, surrogate_loss
 
     damping = float(model.cfg.weight_decay if cfg.damping is None else cfg.damping)
     max_len = model.cfg.max_len
-    t0 = time.perf_counter()
+    t0 = last = time.perf_counter()
     acc: Tensor | None = None
     n = 0
     for i, chunk in enumerate(chunks()):
@@ -809,6 +809,9 @@ def compute_ihvp_streaming(model: nn.Module, chunks: Callable[[], Iterable[Any]]
                                                                   max_len=max_len, order="length"))
         acc = g * k if acc is None else acc + g * k
         n += k
+        if time.perf_counter() - last > 30:  # long passes (millions of samples) show progress
+            last = time.perf_counter()
+            log(f"[ihvp] g_bar: {n} samples, {i + 1} chunk(s), {n / (last - t0):.0f} samples/s")
     if acc is None:
         raise ValueError("no samples in chunks")
     g_bar = acc / n

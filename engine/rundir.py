@@ -83,6 +83,9 @@ class RunDir:
         st["done"] = True
         st["wall_s"] = round(float(wall_s), 3)
         st["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        peak = _peak_rss_mib()
+        if peak is not None:  # this process's peak so far: the stage that raised it is the culprit
+            st["driver_peak_rss_mib"] = peak
         self.save()
 
     def set(self, **fields: Any) -> None:
@@ -97,6 +100,18 @@ class RunDir:
 
     def path(self, rel: str) -> Path:
         return self.root / rel
+
+
+def _peak_rss_mib() -> float | None:
+    """Peak resident memory of this process so far, MiB (None where ``resource`` is absent)."""
+    try:
+        import resource
+        import sys
+
+        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return round(kb / (2**20 if sys.platform == "darwin" else 2**10), 1)  # bytes on macOS, KiB on Linux
+    except (ImportError, OSError):
+        return None
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

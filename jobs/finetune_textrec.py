@@ -212,11 +212,10 @@ def load_training_samples(cfg: TextFinetuneConfig) -> dict:
     Raises:
         DataError: unknown, duplicate or missing sample ids; a selected file without ``sample_id``.
     """
-    from engine.data.schema import read_items, read_samples
+    from engine.data.schema import count_samples, read_items, read_sample_rows, read_samples
 
     titles = read_items(cfg.data).sort_by("item_id").column("title").to_pylist()
-    samples = read_samples(cfg.data)
-    n = samples.num_rows
+    n = count_samples(cfg.data)
     if cfg.all_samples:
         ids = np.arange(n, dtype=np.int64)
     else:
@@ -237,7 +236,8 @@ def load_training_samples(cfg: TextFinetuneConfig) -> dict:
         if ids.size == 0:
             raise DataError("no samples selected", path=src, field="sample_id")
         ids = np.sort(ids)
-    sub = samples.take(ids)
+    # only the selected rows, one samples file at a time (the full set with all_samples)
+    sub = read_samples(cfg.data) if ids.size == n else read_sample_rows(cfg.data, ids)
     return {"titles": titles, "sample_ids": ids.tolist(), "history": sub.column("history").to_pylist(),
             "target": sub.column("target").to_pylist()}
 

@@ -172,6 +172,9 @@ def add_arguments(p: argparse.ArgumentParser, *, defaults: dict | None = None) -
                    help="damping d of (H + dI)^-1 (an L2 term of the objective); the authors' value 0.01")
     g.add_argument("--ihvp-max-iter", type=int, default=150,
                    help="cg: maximum iterations (each is one Hessian pass; it stops earlier at relative residual 1e-3)")
+    g.add_argument("--ihvp-batch-size", type=int, default=256,
+                   help="samples per batch of the g_bar and Hessian passes (same result; larger batches amortise "
+                        "the dense item-table gradient of a large catalogue)")
     g.add_argument("--influence-method", default="jvp", choices=("jvp", "fd"),
                    help="per-sample directional derivatives: forward-mode JVP (exact) or a central finite "
                         "difference (two forwards, ~2e-4 relative error)")
@@ -209,7 +212,8 @@ def config_from_args(args: argparse.Namespace) -> PruneJobConfig:
     if args.surrogate_minutes is not None:
         sur_kw["max_minutes"] = args.surrogate_minutes
     inf_kw = {"solver": args.solver, "damping": args.damping, "max_iter": args.ihvp_max_iter,
-              "hessian_samples": args.hessian_samples or None, "method": args.influence_method}
+              "hessian_samples": args.hessian_samples or None, "method": args.influence_method,
+              "batch_size": args.ihvp_batch_size}
     llm_kw = {"model": args.llm, "adapter": args.adapter, "seed": args.seed,
               "cache_dir": str(Path(args.llm_cache).resolve())}
     builders = [

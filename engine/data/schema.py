@@ -124,6 +124,35 @@ def sample_loaders(data_dir: str | os.PathLike) -> list:
     return [partial(read_parquet_checked, f, SAMPLES_SCHEMA) for f in sample_files(data_dir)]
 
 
+def count_samples(data_dir: str | os.PathLike) -> int:
+    """Number of samples of a prepared folder, from the Parquet footers (no data read)."""
+    return int(sum(pq.read_metadata(f).num_rows for f in sample_files(data_dir)))
+
+
+def read_sample_rows(data_dir: str | os.PathLike, sample_ids: np.ndarray) -> pa.Table:
+    """The samples with these ids (sorted by sample_id), read one file at a time: memory is that
+    of the subset and one file, not of every sample (a selected 2% of millions).
+
+    Raises:
+        DataError: an id that no samples file holds.
+    """
+    want = np.unique(np.asarray(sample_ids, dtype=np.int64))
+    parts = []
+    for f in sample_files(data_dir):
+        t = read_parquet_checked(f, SAMPLES_SCHEMA)
+        keep = np.flatnonzero(np.isin(t.column("sample_id").to_numpy(), want))
+        if keep.size:
+            parts.append(t.take(pa.array(keep)))
+    table = pa.concat_tables(parts) if parts else SAMPLES_SCHEMA.empty_table()
+    table = table.sort_by("sample_id")
+    got = table.column("sample_id").to_numpy()
+    if got.size != want.size:
+        missing = want[~np.isin(want, got)]
+        raise DataError("sample id not in any samples file", path=Path(data_dir) / SAMPLES_DIR, field="sample_id",
+                        value=int(missing[0]) if missing.size else None)
+    return table
+
+
 def read_samples(data_dir: str | os.PathLike, *, check_dense: bool = True) -> pa.Table:
     """All samples of a prepared folder, schema-checked, ordered by ``sample_id``."""
     tables = [read_parquet_checked(f, SAMPLES_SCHEMA) for f in sample_files(data_dir)]

@@ -139,3 +139,20 @@ def test_read_split_subsample_is_the_seeded_rows_read_in_batches(tmp_path):
     assert got.equals(table.take(pa.array(rows)))
     assert read_split(tmp_path, "valid", max_rows=n + 1).num_rows == n
     assert sample_rows(10, None, 0) is None and sample_rows(10, 10, 0) is None
+
+
+def test_read_sample_rows_reads_only_the_selected_ids_file_by_file(tmp_path):
+    from engine.data.schema import count_samples, read_sample_rows
+    from engine.errors import DataError
+
+    out = tmp_path / "d"
+    _gen(out, users=300, items=50, rows_per_file=64)
+    assert len(sample_files(out)) > 1
+    full = read_samples(out)
+    assert count_samples(out) == full.num_rows
+    ids = np.array([full.num_rows - 1, 0, 70, 5, 130])
+    got = read_sample_rows(out, ids)
+    assert got.equals(full.take(pa.array(np.sort(ids))))
+    with pytest.raises(DataError, match="sample id not in any samples file") as e:
+        read_sample_rows(out, [3, full.num_rows + 7])
+    assert str(full.num_rows + 7) in str(e.value)

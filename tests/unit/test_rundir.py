@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -20,7 +21,14 @@ def test_done_stage_is_reported_and_kept(tmp_path):
     r.finish("a", 1.5, rows=3)
     r2 = RunDir(tmp_path, OUTS)
     assert r2.check({"a": "h1", "b": "h2"}, overwrite=False) == ["a"]
-    assert json.loads((tmp_path / "manifest.json").read_text())["stages"]["a"]["rows"] == 3
+    st = json.loads((tmp_path / "manifest.json").read_text())["stages"]["a"]
+    assert st["rows"] == 3
+    # the recorded peak is this process's, in MiB: at least its resident set now (Linux /proc)
+    status = Path("/proc/self/status")
+    if status.exists():
+        rss_kib = int(next(x for x in status.read_text().splitlines() if x.startswith("VmRSS:")).split()[1])
+        assert st["driver_peak_rss_mib"] >= rss_kib / 1024 * 0.9
+    assert st["driver_peak_rss_mib"] > 0
 
 
 def test_changed_config_refused_then_overwritten(tmp_path):
