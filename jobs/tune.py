@@ -209,6 +209,34 @@ def trial(config: dict, shared: dict) -> None:
 
 
 # ---------------------------------------------------------------- driver
+def validate_inputs(args) -> tuple[Path, str, dict, list[int], dict]:
+    """Everything checkable before Ray starts: the prune run's scores against the data, the
+    search space, the LLM config (every problem at once).
+
+    Returns:
+        ``(run_dir, data, scores, budgets, llm_config_dict)``.
+
+    Raises:
+        ConfigError: invalid search space or LLM config. DataError: missing or inconsistent scores / data.
+    """
+    from engine.data.schema import count_samples
+    from engine.llm import LLMConfig
+
+    run_dir = Path(args.run).resolve()
+    data = str(Path(args.data).resolve())
+    n = count_samples(data)
+    scores = read_scores(run_dir, n)
+    budgets, problems = check_args(args, n, scores)
+    llm = llm_config_from_args(args)
+    try:
+        LLMConfig.from_dict(llm)
+    except ConfigError as e:
+        problems.extend(f"llm: {x}" for x in e.problems)
+    if problems:
+        raise ConfigError(problems, config="tune")
+    return run_dir, data, scores, budgets, llm
+
+
 def tune_run(args) -> dict:
     """Run the search; returns ``{"table": pandas.DataFrame, "best": dict}``.
 
@@ -225,19 +253,8 @@ def tune_run(args) -> dict:
     from engine.llm import LLMConfig, load_llm, resolve_base
 
     t0 = time.perf_counter()
-    run_dir = Path(args.run).resolve()
-    data = str(Path(args.data).resolve())
+    run_dir, data, scores, budgets, llm = validate_inputs(args)
     samples = read_samples(data)
-    n = samples.num_rows
-    scores = read_scores(run_dir, n)
-    budgets, problems = check_args(args, n, scores)
-    llm = llm_config_from_args(args)
-    try:
-        LLMConfig.from_dict(llm)
-    except ConfigError as e:
-        problems.extend(f"llm: {x}" for x in e.problems)
-    if problems:
-        raise ConfigError(problems, config="tune")
 
     titles = read_items(data).column("title").to_pylist()
     index = index_titles(titles)
@@ -321,6 +338,7 @@ def run(args) -> int:
     """
     import ray
 
+    validate_inputs(args)  # bad input fails here, before a Ray cluster is started or joined
     if not ray.is_initialized():
         ray.init(address=args.address, runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}})
     out = tune_run(args)

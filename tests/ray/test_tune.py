@@ -69,3 +69,22 @@ def test_bad_search_space_reported_together(tmp_path):
                          "--method", "grand", "--lam", "-1"])
     _, problems = tune.check_args(args, 48, {"influence": np.zeros(48), "effort": np.zeros(48)})
     assert len(problems) >= 3
+
+
+def test_bad_input_fails_before_ray_starts(tmp_path, monkeypatch):
+    """`dealrec tune` validates the run, data and search space before ray.init."""
+    import ray
+
+    from engine.errors import DataError
+    from jobs import tune
+
+    def no_init(*a, **k):
+        raise AssertionError("ray.init was called before the input was validated")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", no_init)
+    p = argparse.ArgumentParser()
+    tune.add_arguments(p)
+    args = p.parse_args(["--run", str(tmp_path / "no-run"), "--data", str(tmp_path / "no-data")])
+    with pytest.raises(DataError):
+        tune.run(args)
