@@ -197,3 +197,19 @@ def test_streamed_training_checks_its_chunks():
     bad = random_samples(n=10, n_items=50)
     with pytest.raises(DataError, match="n_items=12"):
         train_surrogate([lambda: random_samples(n=10, n_items=12), lambda: bad], 12, cfg, log=lambda s: None)
+
+
+def test_ranking_metrics_do_not_depend_on_rows_per_scoring_pass(monkeypatch):
+    """evaluate_ranking bounds its score matrix (EVAL_PAIRS user-item pairs per pass) for large
+    catalogues; the metrics are the same however the rows are grouped."""
+    import engine.surrogate as sur
+
+    torch.manual_seed(0)
+    samples, valid = cyclic_data(n_users=120)
+    cfg = SurrogateConfig(hidden=16, n_blocks=1, max_len=10, epochs=3, eval_k=5, batch_size=64, log_every=0)
+    model, _ = train_surrogate(samples, 30, cfg, log=lambda s: None)
+    vb = make_batches(valid, batch_size=50, max_len=10)
+    ref = evaluate_ranking(model, vb, k=5)
+    monkeypatch.setattr(sur, "EVAL_PAIRS", 30 * 7)  # 7 rows per pass: batches of 50 cut in 8
+    got = evaluate_ranking(model, vb, k=5)
+    assert got == pytest.approx(ref, rel=1e-12) and got["users"] == 120
