@@ -25,9 +25,8 @@ from collections.abc import Sequence
 import numpy as np
 import ray
 
-from engine.surrogate import surrogate_from_payload
 from engine.influence import DirectionalDerivatives, score_surrogate_batch
-from engine.surrogate import surrogate_loss
+from engine.surrogate import surrogate_from_payload, surrogate_loss
 
 WHAT = ("influence", "grand", "el2n")
 
@@ -73,7 +72,7 @@ class SurrogateScorer:
             self.directional = DirectionalDerivatives(self.model, surrogate_loss, np.asarray(_get(v_ref)),
                                                       method=method, compile=compile)
         self.n_train = None if n_train is None else int(n_train)
-        self.what, self.batch_size, self.method = what, int(batch_size), method
+        self.what, self.batch_size = what, int(batch_size)
         self.max_len = int(max_len or self.model.cfg.max_len)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

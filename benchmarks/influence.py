@@ -53,9 +53,8 @@ from engine.surrogate import (
     SurrogateConfig,
     build_surrogate,
     evaluate_ranking,
-    length_bucket,
     make_batches,
-    pad_batch,
+    pad_to_bucket,
     surrogate_loss,
     train_surrogate,
 )
@@ -169,7 +168,7 @@ def speed(args: argparse.Namespace) -> None:
     if args.compile and args.loss == "sampled":
         # the actors' compiled path (--influence-compile): micro-batches padded to (micro, bucket
         # length), one graph per bucket; the forward it is compared with is compiled the same way
-        padded = [pad_batch(b, args.micro_batch, length_bucket(int(b["seq"].shape[1]), 50)) for b in micro]
+        padded = [pad_to_bucket(b, args.micro_batch, 50) for b in micro]
         rows = [len(b["sample_id"]) for b in micro]
         t0 = time.perf_counter()
         compiled = DirectionalDerivatives(model, surrogate_loss, vs, compile=True)

@@ -599,21 +599,21 @@ class DirectionalDerivatives:
     def __call__(self, batch: Any) -> Tensor:
         """Tensor [B] (detached), in batch order."""
         with _eval_mode(self.model), torch.no_grad():
-            if self.method == "jvp":
-                if self.compiled:
-                    # one graph per batch shape; every instance shares pass_'s code object, whose
-                    # default limit of 8 graphs would silently fall back to eager
-                    with torch._dynamo.config.patch(recompile_limit=64):
-                        try:
-                            return _check_losses(self._jvp(self._prim, self._tang, batch)).detach()
-                        except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError) as e:
-                            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                            raise ConfigError([
-                                f"compile=True: the loss does not compile as one graph ({first}); "
-                                "use compile=False (e.g. a full-softmax surrogate loss indexes by data-dependent "
-                                "shapes: use loss='sampled' to compile)"], config="directional_derivatives") from e
+            if self.method == "fd":
+                return self._fd(batch)
+            if not self.compiled:
                 return _check_losses(self._jvp(self._prim, self._tang, batch)).detach()
-            return self._fd(batch)
+            # one graph per batch shape; every instance shares pass_'s code object, whose default
+            # limit of 8 graphs would silently fall back to eager
+            with torch._dynamo.config.patch(recompile_limit=64):
+                try:
+                    return _check_losses(self._jvp(self._prim, self._tang, batch)).detach()
+                except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError) as e:
+                    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                    raise ConfigError([
+                        f"compile=True: the loss does not compile as one graph ({first}); use compile=False "
+                        "(e.g. a full-softmax surrogate loss indexes by data-dependent shapes: use loss='sampled' "
+                        "to compile)"], config="directional_derivatives") from e
 
     def _fd(self, batch: Any) -> Tensor:
         params, vs = self.params, self.v
@@ -747,14 +747,6 @@ def hessian_rows(n: int, cfg: InfluenceConfig) -> np.ndarray | None:
     return sample_rows(n, cfg.hessian_samples, cfg.seed)
 
 
-def _take_rows(chunk: Any, idx: np.ndarray) -> Any:
-    if hasattr(chunk, "take") and hasattr(chunk, "num_rows"):  # pyarrow Table
-        import pyarrow as pa
-
-        return chunk.take(pa.array(idx, pa.int64()))
-    return {k: np.asarray(v)[idx] for k, v in chunk.items()}
-
-
 def _num_rows(chunk: Any) -> int:
     if hasattr(chunk, "num_rows"):
         return int(chunk.num_rows)
@@ -795,6 +787,7 @@ def compute_ihvp_streaming(model: nn.Module, chunks: Callable[[], Iterable[Any]]
         SolverError: the solve diverged or met negative curvature (message names the knob).
         ValueError: no samples.
     """
+    from engine.data.schema import take_rows
     from engine.surrogate import make_batches, surrogate_loss
 
     damping = float(model.cfg.weight_decay if cfg.damping is None else cfg.damping)
@@ -826,7 +819,7 @@ def compute_ihvp_streaming(model: nn.Module, chunks: Callable[[], Iterable[Any]]
         else:
             lo, hi = np.searchsorted(rows, [start, start + m])
             if hi > lo:
-                parts.append(_take_rows(chunk, rows[lo:hi] - start))
+                parts.append(take_rows(chunk, rows[lo:hi] - start))
         start += m
     hbatches = make_batches(_concat(parts), batch_size=cfg.batch_size, max_len=max_len, order="length")
     opts = cfg.solver_options()
@@ -867,7 +860,7 @@ def score_surrogate_batch(model: nn.Module, batch: Any, *, v: Any = None, n_trai
         ``{"sample_id": int64, <what>: float64}`` arrays in input order.
     """
     from engine.baseline_scores import el2n_scores, grand_scores
-    from engine.surrogate import length_bucket, make_batches, pad_batch, surrogate_loss
+    from engine.surrogate import make_batches, pad_to_bucket, surrogate_loss
 
     rows: list[np.ndarray] = []
 
@@ -887,11 +880,8 @@ def score_surrogate_batch(model: nn.Module, batch: Any, *, v: Any = None, n_trai
     for b in batches:
         out["sample_id"].append(b["sample_id"].numpy().astype(np.int64))
         if "influence" in what:
-            if dd.compiled:  # few shapes for the compiled pass: pad rows and length to buckets
-                rows_b = len(b["sample_id"])
-                d = dd(pad_batch(b, batch_size, length_bucket(int(b["seq"].shape[1]), max_len)))[:rows_b]
-            else:
-                d = dd(b)
+            # few shapes for a compiled pass: rows and length padded to buckets, padding dropped
+            d = dd(pad_to_bucket(b, batch_size, max_len))[:len(b["sample_id"])] if dd.compiled else dd(b)
             out["influence"].append(d.double().numpy() / n_train)
         if "grand" in what:
             out["grand"].append(grand_scores(model, surrogate_loss, b).double().numpy())

@@ -379,6 +379,12 @@ def length_bucket(t: int, max_len: int) -> int:
     return max(t, min(b, max_len))
 
 
+def pad_to_bucket(batch: Mapping[str, Tensor], rows: int, max_len: int) -> dict[str, Tensor]:
+    """:func:`pad_batch` to ``rows`` rows and the batch's :func:`length_bucket`: the few shapes a
+    compiled pass sees (rows = the micro-batch size)."""
+    return pad_batch(batch, rows, length_bucket(int(batch["seq"].shape[1]), max_len))
+
+
 def pad_batch(batch: Mapping[str, Tensor], rows: int, length: int) -> dict[str, Tensor]:
     """A samples batch (from :func:`make_batches`) grown to ``rows`` rows and ``length`` positions.
 
@@ -790,12 +796,6 @@ def _no_log(_: str) -> None:
     return None
 
 
-def _take_rows(table: Any, rows: np.ndarray) -> Any:
-    if hasattr(table, "take"):
-        return table.take(pa.array(rows, pa.int64()))
-    return {k: np.asarray(v)[rows] for k, v in table.items()}
-
-
 def train_surrogate(
     samples: pa.Table | Mapping[str, np.ndarray] | Sequence[Callable[[], Any]],
     n_items: int,
@@ -879,19 +879,18 @@ def train_surrogate(
     if not in_memory and not samples:
         raise DataError("no sample chunks to train on", field="samples", value=0)
     loaders: list[Callable[[], Any]] = [lambda: samples] if in_memory else list(samples)
-    cached: dict[int, dict[str, np.ndarray]] = {}
 
-    def chunk(i: int) -> dict[str, np.ndarray]:
-        if i in cached:
-            return cached[i]
+    def load(i: int) -> dict[str, np.ndarray]:
         enc = encode_samples(loaders[i](), max_len=cfg.max_len)
         if enc["labels"].max(initial=-1) >= n_items:
             raise DataError(f"item id >= n_items={n_items}", field="history/target", value=int(enc["labels"].max()))
-        if in_memory:
-            cached[i] = enc
         return enc
 
-    sizes = [len(chunk(0)["sample_id"])] if in_memory else None
+    if in_memory:  # encoded once and kept; streamed chunks are re-read every epoch
+        whole = load(0)
+        chunk: Callable[[int], dict[str, np.ndarray]] = lambda i: whole  # noqa: E731
+    else:
+        chunk = load
     step: nn.Module = _TrainStep(model)
     if wrap_model is not None:
         step = wrap_model(step)
@@ -903,12 +902,12 @@ def train_surrogate(
 
     valid_batches = None
     if valid is not None and rank == 0:
-        from engine.data.schema import sample_rows
+        from engine.data.schema import sample_rows, take_rows
 
         keep = sample_rows(valid.num_rows if hasattr(valid, "num_rows") else len(valid["history"]),
                            cfg.valid_users, cfg.seed)
         if keep is not None:  # (read_split(max_rows=valid_users, seed=seed) already gives this subset)
-            valid = _take_rows(valid, keep)
+            valid = take_rows(valid, keep)
         valid_batches = [to_device(b) for b in make_batches(valid, batch_size=512, max_len=cfg.max_len)]
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     rng = np.random.default_rng(cfg.seed)
@@ -917,15 +916,11 @@ def train_surrogate(
     best, best_state, bad = -1.0, None, 0
     t_start = time.perf_counter()
     batch = cfg.batch_size // world_size
-
-    def batches_of(n_rows: int) -> int:  # this rank's batches for a chunk of n_rows
-        return math.ceil(-(-n_rows // world_size) / batch)
-
     n_params = sum(p.numel() for p in model.parameters())
-    if sizes is not None:
-        n = sizes[0]
+    if in_memory:
+        n = len(whole["sample_id"])
         per_rank = -(-n // world_size)  # samples per rank and epoch (after cyclic padding)
-        n_batches: int | str = batches_of(n)
+        n_batches: int | str = math.ceil(per_rank / batch)
         log(f"[surrogate] {cfg.model}: {n_params:,} parameters, {n:,} samples, {n_items:,} items, "
             f"{n_batches} batches/epoch"
             + (f" per rank ({world_size} ranks x {batch} samples, {per_rank * world_size - n} padded)"
@@ -969,7 +964,7 @@ def train_surrogate(
             del enc
             if timed_out:
                 break
-        if sizes is None and epoch == 1 and not timed_out:
+        if not in_memory and epoch == 1 and not timed_out:
             n_batches = bi
         val = evaluate_ranking(model, valid_batches, k=cfg.eval_k) if valid_batches is not None else None
         if distributed:

@@ -46,7 +46,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from engine.config import collect_problems, raise_if, versions
-from engine.data.schema import count_samples, read_items, read_sample_rows, read_samples, read_split
+from engine.data.schema import count_samples, read_items, read_sample_rows, read_split
 from engine.errors import ConfigError, DataError, ResumeError
 from engine.finetune import (
     BEST_ADAPTER_DIR,
@@ -178,8 +178,7 @@ def load_examples(cfg: FinetuneConfig) -> dict:
         ids = np.arange(n, dtype=np.int64)
     if ids.size == 0:
         raise DataError("no samples selected", path=cfg.selected, field="sample_id")
-    # only the selected rows, one samples file at a time (the full set when fine-tuning on all)
-    sub = read_samples(cfg.data) if ids.size == n else read_sample_rows(cfg.data, ids)
+    sub = read_sample_rows(cfg.data, ids)  # only the selected rows, one samples file at a time
     valid = read_split(cfg.data, "valid")
     vh = valid.column("history").to_pylist()
     vt = valid.column("targets").to_pylist()

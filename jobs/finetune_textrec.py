@@ -212,7 +212,7 @@ def load_training_samples(cfg: TextFinetuneConfig) -> dict:
     Raises:
         DataError: unknown, duplicate or missing sample ids; a selected file without ``sample_id``.
     """
-    from engine.data.schema import count_samples, read_items, read_sample_rows, read_samples
+    from engine.data.schema import count_samples, read_items, read_sample_rows
 
     titles = read_items(cfg.data).sort_by("item_id").column("title").to_pylist()
     n = count_samples(cfg.data)
@@ -236,8 +236,7 @@ def load_training_samples(cfg: TextFinetuneConfig) -> dict:
         if ids.size == 0:
             raise DataError("no samples selected", path=src, field="sample_id")
         ids = np.sort(ids)
-    # only the selected rows, one samples file at a time (the full set with all_samples)
-    sub = read_samples(cfg.data) if ids.size == n else read_sample_rows(cfg.data, ids)
+    sub = read_sample_rows(cfg.data, ids)  # only the selected rows, one samples file at a time
     return {"titles": titles, "sample_ids": ids.tolist(), "history": sub.column("history").to_pylist(),
             "target": sub.column("target").to_pylist()}
 

@@ -237,8 +237,10 @@ def validate_inputs(args) -> tuple[Path, str, dict, list[int], dict]:
     return run_dir, data, scores, budgets, llm
 
 
-def tune_run(args) -> dict:
+def tune_run(args, inputs: tuple | None = None) -> dict:
     """Run the search; returns ``{"table": pandas.DataFrame, "best": dict}``.
+
+    ``inputs``: what :func:`validate_inputs` returned for these args (validated again when None).
 
     Raises:
         ConfigError: invalid search space (every problem at once).
@@ -253,7 +255,7 @@ def tune_run(args) -> dict:
     from engine.llm import LLMConfig, load_llm, resolve_base
 
     t0 = time.perf_counter()
-    run_dir, data, scores, budgets, llm = validate_inputs(args)
+    run_dir, data, scores, budgets, llm = inputs or validate_inputs(args)
     samples = read_samples(data)
 
     titles = read_items(data).column("title").to_pylist()
@@ -338,10 +340,10 @@ def run(args) -> int:
     """
     import ray
 
-    validate_inputs(args)  # bad input fails here, before a Ray cluster is started or joined
+    inputs = validate_inputs(args)  # bad input fails here, before a Ray cluster is started or joined
     if not ray.is_initialized():
         ray.init(address=args.address, runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}})
-    out = tune_run(args)
+    out = tune_run(args, inputs)
     import pandas as pd
 
     with pd.option_context("display.width", 160, "display.max_columns", 20):

@@ -21,6 +21,7 @@ import shutil
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -137,6 +138,8 @@ def read_sample_rows(data_dir: str | os.PathLike, sample_ids: np.ndarray) -> pa.
         DataError: an id that no samples file holds.
     """
     want = np.unique(np.asarray(sample_ids, dtype=np.int64))
+    if want.size and want[0] == 0 and want[-1] == want.size - 1 and want.size == count_samples(data_dir):
+        return read_samples(data_dir)  # every sample: one read, no per-file id matching
     parts = []
     for f in sample_files(data_dir):
         t = read_parquet_checked(f, SAMPLES_SCHEMA)
@@ -182,6 +185,13 @@ def sample_rows(n: int, k: int | None, seed: int) -> np.ndarray | None:
     if k is None or k >= n:
         return None
     return np.sort(np.random.default_rng(seed).choice(n, size=int(k), replace=False))
+
+
+def take_rows(chunk: Any, idx: np.ndarray) -> Any:
+    """Rows ``idx`` of a pyarrow Table or of a dict of numpy columns (same kind back)."""
+    if hasattr(chunk, "take") and hasattr(chunk, "num_rows"):
+        return chunk.take(pa.array(idx, pa.int64()))
+    return {k: np.asarray(v)[idx] for k, v in chunk.items()}
 
 
 def read_split(data_dir: str | os.PathLike, split: str, *, max_rows: int | None = None, seed: int = 0) -> pa.Table:
