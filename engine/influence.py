@@ -155,6 +155,12 @@ def _check_losses(losses: Tensor) -> Tensor:
 def mean_gradient(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any]) -> tuple[Tensor, int]:
     """g_bar = (1/n) sum_i grad L_i, accumulated batch by batch (eval mode).
 
+    The ``nn.Embedding`` modules of the model hand back row-sparse gradients during the pass
+    (:func:`_sparse_embeddings`), added into the accumulator by row: a batch touches a few
+    thousand rows of a 250k-item table, and a dense gradient per batch (zero-fill, scatter,
+    add, flatten: four passes over the whole table) made the pass memory-bound at large
+    catalogues. The result is the same sum.
+
     Args:
         model: the trained model.
         loss_fn: ``loss_fn(model, batch) -> Tensor[B]``.
@@ -167,17 +173,41 @@ def mean_gradient(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any]) -> 
         ValueError: no samples.
     """
     params = trainable_params(model)
-    acc = torch.zeros(sum(p.numel() for p in params.values()), dtype=next(iter(params.values())).dtype)
+    plist = list(params.values())
+    acc = torch.zeros(sum(p.numel() for p in plist), dtype=plist[0].dtype)
+    views = list(unflatten(acc, params).values())
     n = 0
-    with _eval_mode(model):
+    with _eval_mode(model), _sparse_embeddings(model):
         for b in batches:
             losses = _check_losses(loss_fn(model, b))
-            gs = torch.autograd.grad(losses.sum(), list(params.values()), allow_unused=True)
-            acc += flatten_params([g if g is not None else torch.zeros_like(p) for g, p in zip(gs, params.values())])
+            gs = torch.autograd.grad(losses.sum(), plist, allow_unused=True)
+            for g, view in zip(gs, views):
+                if g is None:
+                    continue
+                if g.is_sparse:  # rows of an embedding table (duplicates are summed by index_add_)
+                    view.index_add_(0, g._indices()[0], g._values())
+                else:
+                    view.add_(g)
             n += losses.shape[0]
     if n == 0:
         raise ValueError("no samples in batches")
     return acc / n, n
+
+
+@contextlib.contextmanager
+def _sparse_embeddings(model: nn.Module) -> Iterator[None]:
+    """Inside the block, the model's trainable ``nn.Embedding`` modules (without ``max_norm``)
+    return sparse gradients; their ``sparse`` flags are restored afterwards. Only for
+    first-order passes: double backward through a sparse embedding is not supported."""
+    embs = [m for m in model.modules() if isinstance(m, nn.Embedding) and not m.sparse
+            and m.max_norm is None and m.weight.requires_grad]
+    for m in embs:
+        m.sparse = True
+    try:
+        yield
+    finally:
+        for m in embs:
+            m.sparse = False
 
 
 def _hvp_sum(model: nn.Module, loss_fn: LossFn, batch: Any, v: Tensor, params: dict[str, Tensor],

@@ -311,3 +311,27 @@ def test_directional_options_are_checked(tiny):
         DirectionalDerivatives(model, surrogate_loss, v, method="hvp")
     with pytest.raises(ConfigError, match="eps=0.0"):
         DirectionalDerivatives(model, surrogate_loss, v, method="fd", eps=0.0)
+
+
+@pytest.mark.parametrize("loss", ["sampled", "full"])
+def test_mean_gradient_equals_the_per_sample_loop_with_dense_embeddings(loss):
+    """g_bar from row-sparse embedding gradients (repeated items, padding rows, several
+    batches) equals the mean of per-sample dense gradients, and the embeddings' flags are back."""
+    torch.manual_seed(1)
+    t = random_samples(n=37, n_items=30, max_hist=9, seed=7)
+    cfg = SurrogateConfig(hidden=8, n_heads=2, n_blocks=1, max_len=6, dropout=0.0, loss=loss, negatives=5,
+                          epochs=1, batch_size=16, log_every=0)
+    model, _ = train_surrogate(t, 30, cfg, log=lambda s: None)
+    model = model.double().eval()
+    g, n = mean_gradient(model, surrogate_loss, make_batches(t, batch_size=8, max_len=6))
+    assert n == 37
+    embs = [m for m in model.modules() if isinstance(m, torch.nn.Embedding)]
+    assert embs and not any(m.sparse for m in embs)
+    params = trainable_params(model)
+    naive = torch.zeros_like(g)
+    for b in make_batches(t, batch_size=1, max_len=6):
+        gs = torch.autograd.grad(surrogate_loss(model, b).sum(), list(params.values()), allow_unused=True)
+        assert not any(x is not None and x.is_sparse for x in gs)
+        naive += flatten_params([x if x is not None else torch.zeros_like(p) for x, p in zip(gs, params.values())])
+    naive /= 37
+    torch.testing.assert_close(g, naive, rtol=1e-10, atol=1e-13)
