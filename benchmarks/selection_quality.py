@@ -117,10 +117,14 @@ class BenchConfig:
     plot_metric: str = "ndcg@20"
     n_boot: int = 2000
     textrec_overrides: dict = field(default_factory=dict, metadata={"help": "extra TextRecConfig fields (tests)"})
+    tune_lams: tuple[float, ...] = field(default=(), metadata={"help": "lambda grid of the Ray Tune search (empty: no search)"})
+    tune_groups: tuple[int, ...] = field(default=(), metadata={"help": "K grid of the Ray Tune search"})
+    tune_val_users: int | None = field(default=None, metadata={"help": "validation users per trial (None: all)"})
 
     def __post_init__(self) -> None:
         self.seeds, self.methods, self.ks = tuple(self.seeds), tuple(self.methods), tuple(self.ks)
         self.table_metrics = tuple(self.table_metrics)
+        self.tune_lams, self.tune_groups = tuple(self.tune_lams), tuple(self.tune_groups)
         p: list[str] = []
         check(p, (self.budget is None) != (self.ratio is None),
               f"give exactly one of budget ({self.budget!r}) or ratio ({self.ratio!r})")
@@ -144,8 +148,24 @@ class BenchConfig:
         needs = sorted({s for m in self.methods for s in REQUIRED_SCORES.get(m, ())} - {"effort"})
         check(p, not needs or self.scores is not None,
               f"methods {list(self.methods)} need {needs} scores: pass --scores RUN/scores.parquet of a prune run")
+        check(p, bool(self.tune_lams) == bool(self.tune_groups),
+              f"tune_lams={list(self.tune_lams)} / tune_groups={list(self.tune_groups)}: give both grids or neither")
+        check(p, not self.tune_lams or "dealrec" in self.methods, "a lambda/K search needs 'dealrec' in methods")
+        if self.tune_lams:
+            try:
+                self.tune_config()
+            except ConfigError as e:
+                p.extend(f"tune: {x}" for x in e.problems)
         if p:
             raise ConfigError(p, config="selection-quality benchmark")
+
+    def tune_config(self):
+        """The Ray Tune search of (lambda, K) on validation NDCG@20 (jobs/tune_textrec.py)."""
+        from jobs.tune_textrec import TextTuneConfig
+
+        return TextTuneConfig(data=self.data, out=str(Path(self.out) / "tune"), budget=self.budget, ratio=self.ratio,
+                              lams=self.tune_lams, groups=self.tune_groups, hard_prune=self.hard_prune,
+                              seed=self.seeds[0], textrec=self.textrec(self.seeds[0]), val_users=self.tune_val_users)
 
     def textrec(self, seed: int) -> dict:
         d = {"epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr, "seed": seed,
@@ -160,6 +180,8 @@ class BenchConfig:
         for k in ("out", "seeds", "methods", "table_metrics", "plot_metric", "n_boot", "effort_backend",
                   "effort_chunk", "effort_micro_batch", "effort_actors", "full_data", "zero_shot"):
             d.pop(k)
+        if self.tune_lams:  # the search runs with the first seed
+            d["tune_seed"] = self.seeds[0]
         if self.scores:
             d["scores"] = [self.scores, Path(self.scores).stat().st_size if Path(self.scores).exists() else None]
         return stable_hash(d)
@@ -407,7 +429,7 @@ def run_benchmark(cfg: BenchConfig, *, overwrite: bool = False, measure_only: bo
                               "or use another --out")
         import shutil
 
-        for d in (RESULTS_DIR, RUNS_DIR, "effort", "effort_shards"):
+        for d in (RESULTS_DIR, RUNS_DIR, "effort", "effort_shards", "tune"):
             shutil.rmtree(out / d, ignore_errors=True)
         (out / EFFORT_FILE).unlink(missing_ok=True)
         (out / RESULTS_DIR).mkdir(parents=True, exist_ok=True)
@@ -428,6 +450,12 @@ def run_benchmark(cfg: BenchConfig, *, overwrite: bool = False, measure_only: bo
         if measure_only:
             return None
         scores["effort"] = eff
+    if cfg.tune_lams:  # dealrec (and the other stratified selectors' K) use the best validation setting
+        from jobs.tune_textrec import tune_lambda_k
+
+        best = tune_lambda_k(cfg.tune_config(), ids, scores, log=log)["best"]
+        sel_cfg = SelectionConfig(**{**asdict(sel_cfg), "lam": best["lam"], "groups": best["groups"]})
+        log(f"[bench] selection uses the tuned lam={best['lam']:g}, K={best['groups']}")
     plan = []
     if cfg.zero_shot:
         plan.append((ZERO_SHOT, cfg.seeds[0]))
@@ -529,11 +557,19 @@ def write_table(cfg: BenchConfig, *, log=print) -> dict:
                             "runs (same wall-time budget)",
                 "skip": "full-data skipped"}[cfg.full_data]
     users = _load_any_users(cfg)
+    lam, groups, tuned = cfg.lam, cfg.groups, ""
+    tf = Path(cfg.out) / "tune" / "tune.json"
+    if cfg.tune_lams and tf.exists():
+        t = json.loads(tf.read_text())
+        lam, groups = t["best"]["lam"], t["best"]["groups"]
+        tuned = (f" (Ray Tune grid lambda {list(cfg.tune_lams)} x K {list(cfg.tune_groups)}, best validation "
+                 f"{t['best']['metric']} {t['best']['value']:.4f}: see tune/tune.json)")
     header = (f"# Selection quality: {Path(cfg.data).name}, {budget_txt}"
               + (f" of a pool of {cfg.pool}" if cfg.pool else "") + "\n\n"
               f"Text-encoder recommender ({cfg.model or 'MiniLM'}), LoRA fine-tune {cfg.epochs} epochs, batch "
               f"{cfg.batch_size}, lr {cfg.lr}, strategy {cfg.strategy}; test users: {users}; seeds "
-              f"{list(cfg.seeds)}; {full_txt}. Mean ± std over seeds; Δ = relative change of the mean vs random "
+              f"{list(cfg.seeds)}; selection lambda {lam:g}, K {groups}, hard prune {cfg.hard_prune}{tuned}; "
+              f"{full_txt}. Mean ± std over seeds; Δ = relative change of the mean vs random "
               f"with a 95% paired per-user bootstrap CI (users resampled jointly across seeds, {cfg.n_boot} "
               "resamples) and its two-sided p.\n")
     tm = cfg.table_metrics
@@ -633,6 +669,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--effort-actors", type=int, default=1)
     ap.add_argument("--n-negatives", type=int, default=15, help="fixed negatives of the effort loss")
     ap.add_argument("--effort-measure-only", action="store_true", help="time the first effort chunk, project, stop")
+    ap.add_argument("--tune-lam", type=float, nargs="+", default=[],
+                    help="Ray Tune grid of lambda (with --tune-groups): the dealrec rows use the best on validation")
+    ap.add_argument("--tune-groups", type=int, nargs="+", default=[], help="Ray Tune grid of K")
+    ap.add_argument("--tune-val-users", type=int, default=None, help="validation users per trial (default all)")
     ap.add_argument("--ks", type=int, nargs="+", default=[5, 10, 20, 50])
     ap.add_argument("--n-boot", type=int, default=2000)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
@@ -649,7 +689,9 @@ def config_from_args(args) -> BenchConfig:
                   zero_shot=not args.no_zero_shot, strategy=args.strategy, workers=args.workers,
                   effort_backend=args.effort_backend, effort_chunk=args.effort_chunk,
                   effort_micro_batch=args.effort_micro_batch, effort_actors=args.effort_actors,
-                  ks=tuple(args.ks), n_boot=args.n_boot, out=str(Path(args.out).resolve()))
+                  ks=tuple(args.ks), n_boot=args.n_boot, out=str(Path(args.out).resolve()),
+                  tune_lams=tuple(args.tune_lam), tune_groups=tuple(args.tune_groups),
+                  tune_val_users=args.tune_val_users)
     if args.dry_run_tiny:
         data, enc, scores = make_tiny_dataset(Path(args.out) / "tiny")
         common.update(seeds=tuple(args.seeds[:2]), epochs=2, lr=2e-2, n_boot=min(args.n_boot, 300), groups=5,
@@ -687,7 +729,7 @@ def main(argv=None) -> int:
             import torch
 
             torch.set_num_threads(threads)
-        if cfg.strategy != "local":
+        if cfg.strategy != "local" or cfg.tune_lams:
             import ray
 
             if not ray.is_initialized():

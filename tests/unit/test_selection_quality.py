@@ -95,6 +95,12 @@ def test_bench_config_reports_every_problem(tmp_path):
     msg = str(e.value)
     for word in ("exactly one of budget", "magic", "include 'random'", "full_data", "seeds", "--scores"):
         assert word in msg
+    with pytest.raises(ConfigError) as e:
+        sq.BenchConfig(data=str(tmp_path), out=str(tmp_path), budget=10, methods=("random",), tune_lams=(0.1,))
+    assert "give both grids or neither" in str(e.value) and "needs 'dealrec'" in str(e.value)
+    with pytest.raises(ConfigError, match="tune: lams="):
+        sq.BenchConfig(data=str(tmp_path), out=str(tmp_path), budget=10, methods=("random", "dealrec"),
+                       scores="s.parquet", tune_lams=(-1.0,), tune_groups=(5,))
 
 
 def test_pool_is_seeded_and_scores_are_restricted(tiny, tmp_path):
