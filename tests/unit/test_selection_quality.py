@@ -91,9 +91,10 @@ def test_dry_run_tiny_end_to_end_and_resume(tmp_path, capsys):
 def test_bench_config_reports_every_problem(tmp_path):
     with pytest.raises(ConfigError) as e:
         sq.BenchConfig(data=str(tmp_path), out=str(tmp_path), budget=10, ratio=0.1, methods=("dealrec", "magic"),
-                       full_data="never", seeds=(1, 1))
+                       full_data="never", seeds=(1, 1), prompt="poems")
     msg = str(e.value)
-    for word in ("exactly one of budget", "magic", "include 'random'", "full_data", "seeds", "--scores"):
+    for word in ("exactly one of budget", "magic", "include 'random'", "full_data", "seeds", "--scores",
+                 "textrec: prompt='poems'"):
         assert word in msg
     with pytest.raises(ConfigError) as e:
         sq.BenchConfig(data=str(tmp_path), out=str(tmp_path), budget=10, methods=("random",), tune_lams=(0.1,))
