@@ -35,7 +35,9 @@ benchmark on them (the selectors choose from the pool; full-data = the pool).
 
 Commands::
 
-    # a prune run first (influence, GraNd, EL2N), then (hours on CPUs at full Games size):
+    # a prune run first, with the baselines' scores (influence, GraNd, EL2N), e.g.
+    #   dealrec prune --data /tmp/games --out /tmp/games-run --baseline-scores el2n grand
+    # then (hours on CPUs at full Games size):
     python benchmarks/selection_quality.py --data /tmp/games --scores /tmp/games-run/scores.parquet \\
         --budget 1024 --seeds 0 1 2 --epochs 3 --batch-size 32 --lr 1e-3 --out runs/sq-games \\
         --strategy deepspeed --workers 2 --full-data walltime

@@ -6,7 +6,8 @@ solves the one inverse-HVP v = (H + dI)^-1 g_bar on the driver, broadcasts it wi
 pool holding the surrogate, streams effort through an actor pool holding LoRA LLM
 replicas, combines, selects, and writes::
 
-    OUT/scores.parquet    sample_id, influence, el2n, effort, score, group (+ grand with --method grand)
+    OUT/scores.parquet    sample_id, influence, effort, score, group (+ el2n / grand where the method
+                          needs them or --baseline-scores asks for them)
     OUT/selected.parquet  sample_id
     OUT/fewshot.json      BIGRec Alpaca records of the selected samples
     OUT/manifest.json     full config, versions, per-stage wall times and counts
@@ -58,12 +59,19 @@ from engine.selection import METHODS, SelectionConfig, select
 from engine.surrogate import SurrogateConfig
 from engine.influence import InfluenceConfig
 
-def surrogate_columns(method: str) -> tuple[str, ...]:
-    """The surrogate score columns a method needs. GraNd (a full per-sample gradient of every
-    surrogate parameter) costs many times the influence pass, so it is computed only for
-    method=grand; EL2N is one softmax and always comes along for the report and for tune."""
-    cols = ["influence", "el2n"]
-    if method == "grand":
+BASELINE_SCORES = ("el2n", "grand")
+
+
+def surrogate_columns(method: str, extra: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The surrogate score columns of the influence stage: influence always (the report and
+    tune use it), EL2N for the methods that select on it (el2n, ccs), GraNd for grand, and
+    whatever ``extra`` (``--baseline-scores``) asks for. Neither baseline comes for free: GraNd
+    is a full per-sample gradient of every surrogate parameter, EL2N a softmax over the whole
+    catalogue per sample (250k items: ~10x the influence pass)."""
+    cols = ["influence"]
+    if method in ("el2n", "ccs") or "el2n" in extra:
+        cols.append("el2n")
+    if method == "grand" or "grand" in extra:
         cols.append("grand")
     return tuple(cols)
 
@@ -127,6 +135,11 @@ class PruneJobConfig:
     prompt: dict
     scale: ScaleConfig
     overwrite: bool = False
+    baseline_scores: tuple[str, ...] = ()
+
+    @property
+    def surrogate_columns(self) -> tuple[str, ...]:
+        return surrogate_columns(self.method, self.baseline_scores)
 
     @property
     def method(self) -> str:
@@ -175,6 +188,9 @@ def add_arguments(p: argparse.ArgumentParser, *, defaults: dict | None = None) -
     g.add_argument("--ihvp-batch-size", type=int, default=256,
                    help="samples per batch of the g_bar and Hessian passes (same result; memory grows with it; "
                         "on a 250k-item surrogate 4096 was not faster than 256: the pass is compute-bound)")
+    g.add_argument("--baseline-scores", nargs="*", default=[], choices=BASELINE_SCORES,
+                   help="also score these surrogate baselines for every sample (for a later tune or benchmark "
+                        "over other selectors); the el2n / ccs / grand methods get theirs anyway")
     g.add_argument("--influence-method", default="jvp", choices=("jvp", "fd"),
                    help="per-sample directional derivatives: forward-mode JVP (exact) or a central finite "
                         "difference (two forwards, ~2e-4 relative error)")
@@ -240,7 +256,8 @@ def config_from_args(args: argparse.Namespace) -> PruneJobConfig:
                         "softmax gathers positions by data-dependent shapes and does not compile as one graph)")
     raise_if(problems, config="prune job")
     return PruneJobConfig(data=str(Path(args.data).resolve()), out=str(Path(args.out).resolve()),
-                          overwrite=args.overwrite, **built)
+                          overwrite=args.overwrite, baseline_scores=tuple(sorted(set(args.baseline_scores or ()))),
+                          **built)
 
 
 def _apply_best_config(args: argparse.Namespace) -> None:
@@ -278,7 +295,7 @@ def stage_hashes(cfg: PruneJobConfig, fingerprint: str) -> dict[str, str]:
     h: dict[str, str] = {}
     h["surrogate"] = stable_hash({"data": fingerprint, "surrogate": cfg.surrogate})
     h["ihvp"] = stable_hash({"up": h["surrogate"], "influence": cfg.influence})
-    h["surrogate_scores"] = stable_hash({"up": h["ihvp"], "columns": surrogate_columns(cfg.method)})
+    h["surrogate_scores"] = stable_hash({"up": h["ihvp"], "columns": cfg.surrogate_columns})
     h["effort"] = stable_hash({"data": fingerprint, "llm": cfg.llm, "prompt": cfg.prompt})
     h["select"] = stable_hash({"up": [h["surrogate_scores"], h["effort"]], "selection": cfg.selection})
     h["report"] = stable_hash({"up": h["select"]})
@@ -379,9 +396,9 @@ def run_prune(cfg: PruneJobConfig, *, log=print) -> dict:
             ray, files, run.path("shards/surrogate"), SurrogateScorer,
             constructor_args=(state_ref, v_ref),
             constructor_kwargs={"n_train": n, "batch_size": cfg.scale.influence_micro_batch,
-                                "what": surrogate_columns(cfg.method), "method": cfg.influence.method,
+                                "what": cfg.surrogate_columns, "method": cfg.influence.method,
                                 "compile": cfg.scale.influence_compile},
-            output_columns=("sample_id", *surrogate_columns(cfg.method)),
+            output_columns=("sample_id", *cfg.surrogate_columns),
             batch_size=cfg.scale.influence_batch_size,
             num_actors=inf_actors, num_cpus=inf_cpus, num_gpus=0.0, cfg=cfg, log=log, name="influence",
         )

@@ -55,7 +55,7 @@ def llm_cache(tmp_path_factory):
 def test_prune_games_slice_writes_every_output(ray_cluster, games_slice, tmp_path, llm_cache):
     out = tmp_path / "run"
     man = run_job(games_slice, out, "--budget", "32", "--lam", "0.3", "--groups", "10", "--prompt", "games",
-                  cache=llm_cache)
+                  "--baseline-scores", "el2n", cache=llm_cache)
     n = 300
     scores = pq.read_table(out / "scores.parquet").to_pandas()
     assert list(scores.sample_id) == list(range(n))
@@ -93,6 +93,7 @@ def test_rerun_skips_stages_and_is_deterministic(ray_cluster, synthetic_small, t
     np.testing.assert_array_equal(selected_ids(out2), first)
     a, b = (pq.read_table(o / "scores.parquet").to_pandas() for o in (out, out2))
     np.testing.assert_allclose(a[["influence", "effort"]], b[["influence", "effort"]], rtol=1e-6, atol=1e-12)
+    assert "el2n" not in a.columns and "grand" not in a.columns  # baselines only where asked for
     # a changed selection config is refused, then recomputed alone with --overwrite
     with pytest.raises(ResumeError, match="select"):
         run_job(synthetic_small, out, "--budget", "40", "--groups", "8", "--lam", "2.0", cache=llm_cache)
@@ -114,6 +115,23 @@ def test_config_errors_are_reported_together_before_any_work(tmp_path):
     for needle in ("budget", "groups", "lam", "nope", "bogus", "dealrec prepare"):
         assert needle in msg, needle
     assert not (tmp_path / "out").exists()
+
+
+def test_baseline_score_columns_follow_the_method_and_the_flag(tmp_path):
+    from jobs.prune import config_from_args
+
+    data = tmp_path / "data"
+    data.mkdir()
+
+    def cols(*extra):
+        return config_from_args(prune_args(data, tmp_path / "o", *extra)).surrogate_columns
+
+    assert cols() == ("influence",)
+    assert cols("--method", "ccs") == cols("--method", "el2n") == ("influence", "el2n")
+    assert cols("--method", "grand") == ("influence", "grand")
+    assert cols("--baseline-scores", "grand", "el2n", "el2n") == ("influence", "el2n", "grand")
+    with pytest.raises(SystemExit):  # argparse names the allowed choices
+        cols("--baseline-scores", "forgetting")
 
 
 def test_influence_compile_flag_is_parsed_and_checked(tmp_path):
