@@ -493,7 +493,7 @@ def run_benchmark(cfg: BenchConfig, *, overwrite: bool = False, measure_only: bo
     sel_cfg = SelectionConfig(budget=cfg.budget, ratio=cfg.ratio, lam=cfg.lam, groups=cfg.groups,
                               hard_prune=cfg.hard_prune)
     for m in cfg.methods:  # every problem before any work
-        SelectionConfig(**{**asdict(sel_cfg), "method": m}).validate(len(ids))
+        SelectionConfig(**{**asdict(sel_cfg), "method": "dealrec" if m == ALIGN else m}).validate(len(ids))
     budget = sel_cfg.resolve_budget(len(ids))
     log(f"[bench] {cfg.data}: {len(ids)} candidate samples of {n}, budget {budget}, seeds {list(cfg.seeds)}, "
         f"methods {list(cfg.methods)}, full-data {cfg.full_data}, strategy {cfg.strategy}")

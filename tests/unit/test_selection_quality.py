@@ -203,37 +203,35 @@ def test_text_effort_scorer_matches_engine_any_micro_batch(tiny):
     np.testing.assert_allclose(b["effort"], ref, rtol=1e-4)
 
 
-def test_alignment_scores_equal_the_per_sample_definition(tmp_path):
+def test_alignment_scores_equal_the_per_sample_definition_and_drive_the_align_row(tiny, tmp_path):
     """dealrec-align's score g_bar . grad L_s / n, from a prune run's saved surrogate, equals
-    the same quantity built from per-sample autograd gradients; a run without surrogate is refused."""
+    the same quantity built from per-sample autograd gradients; the benchmark's dealrec-align
+    row trains on dealrec's selection over it; a run without surrogate is refused."""
+    import shutil
+
     import torch
 
-    from engine.data.schema import PreparedWriter, atomic_dir, read_samples
+    from engine.data.schema import read_samples
     from engine.influence import flatten_params, trainable_params
+    from engine.selection import SelectionConfig, select
     from engine.surrogate import SurrogateConfig, load_surrogate, make_batches, save_surrogate, surrogate_loss, train_surrogate
 
-    rng = np.random.default_rng(4)
-    data = tmp_path / "data"
-    with atomic_dir(data) as tmp:
-        w = PreparedWriter(tmp, rows_per_file=16)
-        hs = [rng.integers(0, 20, size=rng.integers(1, 6)).tolist() for _ in range(30)]
-        w.add_samples([f"u{i}" for i in range(30)], hs, rng.integers(0, 20, 30).tolist())
-        w.write_items(np.arange(20), [f"t{i}" for i in range(20)])
-        for split in ("valid", "test"):
-            w.write_split(split, ["u0"], [hs[0]], [[1]])
-        w.close({"source": "test"})
+    data, enc, scores = tiny
     samples = read_samples(data)
+    n = samples.num_rows
     torch.manual_seed(0)
-    model, _ = train_surrogate(samples, 20, SurrogateConfig(hidden=8, n_heads=2, n_blocks=1, max_len=6, dropout=0.0,
-                                                            negatives=4, epochs=2, batch_size=8, log_every=0),
+    model, _ = train_surrogate(samples, 60, SurrogateConfig(hidden=8, n_heads=2, n_blocks=1, max_len=6, dropout=0.0,
+                                                            negatives=4, epochs=2, batch_size=16, log_every=0),
                                log=lambda s: None)
     run = tmp_path / "run"
     save_surrogate(model, model.cfg, run / "surrogate")
-    pq.write_table(pa.table({"sample_id": np.arange(30), "influence": rng.normal(size=30)}), run / "scores.parquet")
-    cfg = sq.BenchConfig(data=str(data), out=str(tmp_path / "bench"), budget=5, methods=("random", sq.ALIGN),
-                         scores=str(run / "scores.parquet"))
+    shutil.copy(scores, run / "scores.parquet")
+    cfg = sq.BenchConfig(data=str(data), out=str(tmp_path / "bench"), budget=12, seeds=(0,), methods=("random", sq.ALIGN),
+                         scores=str(run / "scores.parquet"), model=str(enc), batch_size=8, epochs=1, groups=4,
+                         zero_shot=False, full_data="skip", n_boot=100, ks=(5, 10, 20),
+                         textrec_overrides={"max_len_user": 48, "max_len_item": 8, "n_negatives": 4})
     (tmp_path / "bench").mkdir()
-    ids = np.array([2, 3, 7, 11, 29])
+    ids = np.array([2, 3, 7, 11, 29, 90])
     got = sq.alignment_scores(cfg, ids, log=lambda s: None)
 
     m = load_surrogate(run / "surrogate").double()
@@ -243,9 +241,20 @@ def test_alignment_scores_equal_the_per_sample_definition(tmp_path):
         gs = torch.autograd.grad(surrogate_loss(m, b).sum(), list(params.values()), allow_unused=True)
         grads.append(flatten_params([x if x is not None else torch.zeros_like(p) for x, p in zip(gs, params.values())]))
     G = torch.stack(grads)  # [n, m] per-sample gradients, rows in sample_id order
-    want = (G[ids] @ G.mean(0)).numpy() / 30
+    want = (G[ids] @ G.mean(0)).numpy() / n
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-9)  # float32 surrogate vs float64 oracle
-    assert sq.alignment_scores(cfg, ids, log=lambda s: None) is not None  # cached file reused
+
+    (tmp_path / "bench" / sq.ALIGN_FILE).unlink()
+    sq.run_benchmark(cfg, log=lambda s: None)
+    all_ids = np.arange(n)
+    align = pq.read_table(tmp_path / "bench" / sq.ALIGN_FILE).column("alignment").to_numpy()
+    eff = pq.read_table(tmp_path / "bench" / sq.EFFORT_FILE).column("effort").to_numpy()
+    pick = select("dealrec", {"influence": align, "effort": eff},
+                  SelectionConfig(method="dealrec", budget=12, lam=cfg.lam, groups=4, seed=0), n=n).indices
+    trained = json.loads((tmp_path / "bench" / "runs" / f"{sq.ALIGN}__seed0" / ftr.CONFIG_FILE).read_text())
+    assert sorted(trained["config"]["sample_ids"]) == sorted(all_ids[pick].tolist())
+    assert f"| {sq.ALIGN} |" in (tmp_path / "bench" / "table.md").read_text()
+
     bad = sq.BenchConfig(data=str(data), out=str(tmp_path / "bench2"), budget=5, methods=("random", sq.ALIGN),
                          scores=str(tmp_path / "scores.parquet"))
     (tmp_path / "bench2").mkdir()
