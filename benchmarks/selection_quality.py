@@ -30,6 +30,13 @@ same config; a changed config is refused unless ``--overwrite``)::
                                        per-user bootstrap CI (users resampled jointly across
                                        seeds) and p-value
 
+Search and ablations: ``--tune-lam L.. --tune-groups K..`` first runs a Ray Tune grid over
+lambda x K on validation NDCG@20 (``jobs/tune_textrec.py``, OUT/tune/) and every selection then
+uses the best pair; the method ``dealrec-align`` is dealrec on the plain gradient alignment
+g_bar . grad L_s / n (no inverse Hessian) of the prune run's surrogate (OUT/alignment.parquet);
+table.md ends with a component table: dealrec against greedy (strata), influence-only (effort
+term), effort-only (influence term) and dealrec-align (iHVP), paired per user.
+
 Reduced-scale runs: ``--pool N`` draws N candidate samples (seeded) and runs the whole
 benchmark on them (the selectors choose from the pool; full-data = the pool).
 
