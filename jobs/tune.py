@@ -51,7 +51,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from engine.config import versions
-from engine.data.schema import read_items, read_samples, read_split
+from engine.data.schema import read_items, read_sample_rows, read_split
 from engine.errors import ConfigError, DataError, ResumeError, check
 from engine.selection import METHODS, REQUIRED_SCORES, SelectionConfig
 from jobs.finetune import add_llm_arguments, llm_config_from_args
@@ -178,8 +178,11 @@ def trial(config: dict, shared: dict) -> None:
     device = next(model.parameters()).device
     pcfg = cfg.prompt_config()
     titles = shared["titles"]
-    hist, tgt = shared["history"], shared["target"]
-    enc = ft.encode_examples(tok, [hist[i] for i in idx], [tgt[i] for i in idx], titles, pcfg,
+    # only the selected rows are read (one file at a time), in the selection's order
+    rows = read_sample_rows(shared["data"], idx)
+    at = {int(s): k for k, s in enumerate(rows.column("sample_id").to_pylist())}
+    hist, tgt = rows.column("history").to_pylist(), rows.column("target").to_pylist()
+    enc = ft.encode_examples(tok, [hist[at[int(i)]] for i in idx], [tgt[at[int(i)]] for i in idx], titles, pcfg,
                              max_history=cfg.max_history)
     val = shared["val"]
     val_enc = ft.encode_examples(tok, val["history"], [t[0] for t in val["targets"]], titles, pcfg,
@@ -256,7 +259,6 @@ def tune_run(args, inputs: tuple | None = None) -> dict:
 
     t0 = time.perf_counter()
     run_dir, data, scores, budgets, llm = inputs or validate_inputs(args)
-    samples = read_samples(data)
 
     titles = read_items(data).column("title").to_pylist()
     index = index_titles(titles)
@@ -273,7 +275,6 @@ def tune_run(args, inputs: tuple | None = None) -> dict:
     mode = "min" if args.metric == "val_loss" else "max"
     shared = {
         "data": data, "llm": llm, "titles": titles, "index": index, "title_emb": title_emb, "scores": scores,
-        "history": samples.column("history").to_pylist(), "target": samples.column("target").to_pylist(),
         "val": {"history": req["history"], "targets": req["targets"]},
         "settings": {"hard_prune": args.hard_prune, "seed": args.seed, "prompt": args.prompt,
                      "cutoff_len": args.cutoff_len, "max_history": args.max_history, "lr": args.lr,
