@@ -560,7 +560,11 @@ def split_direction(model: nn.Module, v: Any) -> dict[str, Tensor]:
     """
     params = trainable_params(model)
     dtype = next(iter(params.values())).dtype
-    vt = v if torch.is_tensor(v) else torch.as_tensor(np.asarray(v))
+    if torch.is_tensor(v):
+        vt = v
+    else:  # a v from the object store is read-only: copy it rather than alias it (and warn)
+        a = np.asarray(v)
+        vt = torch.from_numpy(a) if a.flags.writeable else torch.tensor(a)
     return {k: t.clone() for k, t in unflatten(vt.to(dtype), params).items()}
 
 
