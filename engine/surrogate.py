@@ -138,6 +138,12 @@ class SurrogateConfig:
         metadata={"help": "early stopping evaluates a seeded random subset of this many validation users "
                           "(None = all): bounded validation time and memory on millions of users"})
     max_minutes: float | None = field(default=None, metadata={"help": "time box for training (None = no limit)"})
+    shuffle_buffer: int = field(
+        default=131_072,
+        metadata={"help": "streamed training: samples held for shuffling. Each epoch reads the sample files in a "
+                          "seeded random order into a buffer of at least this many samples and trains on a random "
+                          "permutation of it, so batches mix many files even when the files are sorted (by user "
+                          "id, by time); >= the number of samples = a full shuffle (~800 bytes per sample)"})
     log_every: int = field(default=50, metadata={"help": "log a progress line every this many batches (0 = never)"})
     distributed: str = field(
         default="local",
@@ -173,6 +179,8 @@ class SurrogateConfig:
         check(p, 0.0 <= self.dropout < 1.0, f"dropout={self.dropout!r}: must be in [0, 1)")
         check(p, self.lr > 0, f"lr={self.lr!r}: must be > 0")
         check(p, self.weight_decay >= 0, f"weight_decay={self.weight_decay!r}: must be >= 0")
+        check(p, isinstance(self.shuffle_buffer, int) and not isinstance(self.shuffle_buffer, bool)
+              and self.shuffle_buffer >= 1, f"shuffle_buffer={self.shuffle_buffer!r}: must be an int >= 1")
         check(p, isinstance(self.batch_size, int) and self.batch_size >= 1, f"batch_size={self.batch_size!r}: must be >= 1")
         check(p, isinstance(self.epochs, int) and self.epochs >= 1, f"epochs={self.epochs!r}: must be >= 1")
         check(p, isinstance(self.patience, int) and self.patience >= 1, f"patience={self.patience!r}: must be >= 1")
@@ -796,6 +804,22 @@ def _no_log(_: str) -> None:
     return None
 
 
+def _buffer_groups(order: Sequence[int], chunk: Callable[[int], dict[str, np.ndarray]],
+                   buffer: int) -> Iterator[dict[str, np.ndarray]]:
+    """Encoded chunks in ``order``, concatenated until each group holds >= ``buffer`` rows
+    (whole chunks; the last group may be smaller)."""
+    parts: list[dict[str, np.ndarray]] = []
+    rows = 0
+    for i, ci in enumerate(order):
+        parts.append(chunk(int(ci)))
+        rows += len(parts[-1]["sample_id"])
+        if rows >= buffer or i == len(order) - 1:
+            g = parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+            parts, rows = [], 0
+            yield g
+            del g  # one buffer alive at a time (the caller drops its reference before the next)
+
+
 def train_surrogate(
     samples: pa.Table | Mapping[str, np.ndarray] | Sequence[Callable[[], Any]],
     n_items: int,
@@ -827,10 +851,14 @@ def train_surrogate(
 
     Streaming (bounded memory): ``samples`` may be a list of loaders, each a callable that
     returns one chunk (a Table or dict of numpy; e.g. one samples Parquet file). Every epoch
-    visits the chunks in a seeded random order and each chunk's rows in a seeded random order
-    (the usual file-level + in-file shuffle of streamed training), so only one chunk is held
-    at a time; data-parallel ranks all read each chunk and take their stride of it (cyclic
-    padding per chunk). One chunk (an in-memory table) gives exactly the in-memory result.
+    reads the chunks in a seeded random order into a shuffle buffer of at least
+    ``cfg.shuffle_buffer`` samples (whole chunks) and trains on a seeded random permutation of
+    the buffer, then refills it. A shuffle within one file at a time is not enough: prepared
+    files are often sorted (Games' are by user id, i.e. by time: later files have newer items and
+    shorter histories), and training on them one after the other let each file undo the last
+    (Games: validation Recall@20 fell from 0.025 to 0.015 over 3 epochs, against 0.044 for the
+    same data in memory). Data-parallel ranks all read each buffer and take their stride of it
+    (cyclic padding per buffer). One chunk (an in-memory table) gives exactly the in-memory result.
 
     Args:
         samples: canonical samples (Table or dict of numpy), or a list of chunk loaders.
@@ -936,8 +964,7 @@ def train_surrogate(
         tot, seen, bi = 0.0, 0, 0
         timed_out = False
         order = rng.permutation(len(loaders)) if len(loaders) > 1 else [0]
-        for ci in order:
-            enc = chunk(int(ci))
+        for enc in _buffer_groups(order, chunk, cfg.shuffle_buffer):
             n_c = len(enc["sample_id"])
             perm = rng.permutation(n_c)
             if distributed:

@@ -177,6 +177,10 @@ def add_arguments(p: argparse.ArgumentParser, *, defaults: dict | None = None) -
     g.add_argument("--valid-users", type=int, default=50000,
                    help="surrogate early stopping evaluates a seeded random subset of this many validation users "
                         "(0 = all)")
+    g.add_argument("--shuffle-buffer", type=int, default=131072,
+                   help="surrogate training streams the sample files through a shuffle buffer of this many "
+                        "samples (whole files, seeded order): batches mix files even when files are sorted; "
+                        "~800 bytes per sample")
     g.add_argument("--surrogate-train", default="local", choices=("local", "ray_train"),
                    help="train the surrogate on the driver (small data) or on Ray Train with DDP (large data)")
     g.add_argument("--surrogate-workers", type=int, default=2, help="Ray Train workers (with --surrogate-train ray_train)")
@@ -222,7 +226,7 @@ def config_from_args(args: argparse.Namespace) -> PruneJobConfig:
         budget = 1024
     sur_kw = {"model": args.surrogate, "seed": args.seed, "distributed": args.surrogate_train,
               "num_workers": args.surrogate_workers, "loss": args.surrogate_loss, "negatives": args.negatives,
-              "valid_users": args.valid_users or None}
+              "valid_users": args.valid_users or None, "shuffle_buffer": args.shuffle_buffer}
     if args.surrogate_epochs is not None:
         sur_kw["epochs"] = args.surrogate_epochs
     if args.surrogate_minutes is not None:

@@ -190,6 +190,38 @@ def test_streamed_training_one_chunk_equals_in_memory_and_many_chunks_learn():
         torch.testing.assert_close(_state(again)[k], v, rtol=0, atol=0)
 
 
+def test_streamed_training_mixes_files_through_the_shuffle_buffer(monkeypatch):
+    """Sorted files must not be trained on one after the other (each would undo the last): the
+    shuffle buffer concatenates whole files in the seeded order until it holds shuffle_buffer
+    samples, and every batch is drawn from a permutation of the buffer. shuffle_buffer=1 is
+    the file-at-a-time order."""
+    from dataclasses import replace
+
+    from engine import surrogate as sm
+
+    samples, _ = cyclic_data()
+    seen: list[np.ndarray] = []
+    orig = sm._TrainStep.forward
+
+    def record(self, batch, generator=None):
+        seen.append(batch["sample_id"].numpy().copy())
+        return orig(self, batch, generator)
+
+    monkeypatch.setattr(sm._TrainStep, "forward", record)
+    loaders = [lambda i=i: samples.slice(i * 60, 60) for i in range(5)]
+    cfg = SurrogateConfig(hidden=8, n_blocks=1, max_len=10, epochs=1, batch_size=30, log_every=0, shuffle_buffer=120)
+    train_surrogate(loaders, 30, cfg, log=lambda s: None)
+    files = [set((b // 60).tolist()) for b in seen]
+    assert sorted(np.concatenate(seen).tolist()) == list(range(300))  # every sample once per epoch
+    # buffers of 2 + 2 + 1 files: the 8 batches of the two full buffers draw from both of their files
+    assert [len(f) for f in files[:8]] == [2] * 8 and files[0] == files[3] and files[4] == files[7]
+    seen.clear()
+    train_surrogate(loaders, 30, replace(cfg, shuffle_buffer=1), log=lambda s: None)
+    assert all(len(set((b // 60).tolist())) == 1 for b in seen)
+    with pytest.raises(ConfigError, match="shuffle_buffer"):
+        SurrogateConfig(shuffle_buffer=0)
+
+
 def test_streamed_training_checks_its_chunks():
     cfg = SurrogateConfig(hidden=8, n_blocks=1, max_len=6, epochs=1, log_every=0)
     with pytest.raises(DataError, match="no sample chunks"):
