@@ -956,7 +956,7 @@ def train_surrogate(
     else:
         n_batches = "?"
         log(f"[surrogate] {cfg.model}: {n_params:,} parameters, {len(loaders)} sample chunks streamed "
-            f"(one in memory at a time), {n_items:,} items"
+            f"through a shuffle buffer of >= {cfg.shuffle_buffer:,} samples (whole chunks), {n_items:,} items"
             + (f", {world_size} ranks x {batch} samples per step" if distributed else ""))
     for epoch in range(1, cfg.epochs + 1):
         step.train()
