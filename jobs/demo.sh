@@ -15,9 +15,17 @@ t0=$(date +%s)
 if [ ! -f "$DATA/meta.json" ]; then
   dealrec prepare --format synthetic --out "$DATA"
 fi
+# --block keeps this cluster's processes under one command: stopping it stops them and nothing
+# else (`ray stop` would stop every Ray cluster of this user on the machine).
 ray start --head --port "$PORT" --dashboard-host 127.0.0.1 --dashboard-port "$DASH" --num-cpus 2 \
-  --disable-usage-stats >/dev/null
-trap 'ray stop --force >/dev/null 2>&1 || true' EXIT
+  --disable-usage-stats --block >"$OUT.ray-start.log" 2>&1 &
+HEAD_PID=$!
+trap 'kill "$HEAD_PID" 2>/dev/null || true; wait "$HEAD_PID" 2>/dev/null || true' EXIT
+for _ in $(seq 180); do  # `ray start` prints this once the node (and its job agent) is up
+  grep -q "Ray runtime started" "$OUT.ray-start.log" 2>/dev/null && break
+  kill -0 "$HEAD_PID" 2>/dev/null || { cat "$OUT.ray-start.log" >&2; echo "ray start failed" >&2; exit 1; }
+  sleep 1
+done
 ray job submit --address "http://127.0.0.1:$DASH" --working-dir . \
   --runtime-env-json '{"excludes": [".venv", ".git", "runs", ".cache", "**/__pycache__", "*.egg-info"], "env_vars": {"RAY_AUTH_MODE": "disabled", "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false", "DEALREC_CACHE": "'"$ROOT"'/.cache/dealrec"}}' \
   -- python jobs/prune_book.py --data "$DATA" --out "$OUT" --budget 128 --llm-cache "$ROOT/.cache/dealrec" --overwrite
