@@ -92,8 +92,9 @@ REFERENCE = "random"
 # dealrec with the plain gradient alignment g_bar . grad L_s / n in place of the influence
 # g_bar^T (H + dI)^-1 grad L_s / n: the "is the inverse Hessian worth it" ablation
 ALIGN = "dealrec-align"
-BENCH_METHODS = (*METHODS, ALIGN)
-BENCH_SCORES = {**REQUIRED_SCORES, ALIGN: REQUIRED_SCORES["dealrec"]}
+SELECTOR = {ALIGN: "dealrec"}  # benchmark rows that run an engine selector on other scores
+BENCH_METHODS = (*METHODS, *SELECTOR)
+BENCH_SCORES = {**REQUIRED_SCORES, **{row: REQUIRED_SCORES[sel] for row, sel in SELECTOR.items()}}
 ALIGN_FILE = "alignment.parquet"
 ZERO_SHOT, FULL_DATA = "zero-shot", "full-data"
 DEFAULT_TABLE_METRICS = ("recall@10", "ndcg@10", "recall@20", "ndcg@20")
@@ -359,7 +360,7 @@ def compute_effort(cfg: BenchConfig, ids: np.ndarray, *, measure_only: bool = Fa
     if measure_only:
         log("[effort] already complete; nothing to measure")
     t = pa.concat_tables([pq.read_table(chunk_dir / f"chunk-{s:09d}.parquet") for s in starts])
-    _write_effort(final, t, fp)
+    _write_fingerprinted(final, t, fp)
     return t.column("effort").to_numpy().astype(np.float64)
 
 
@@ -393,14 +394,13 @@ def alignment_scores(cfg: BenchConfig, ids: np.ndarray, *, log=print) -> np.ndar
     if not np.array_equal(out["sample_id"], ids):
         raise DealrecError("alignment scores came back for other sample ids")
     a = out["influence"].astype(np.float64)
-    t = pa.table({"sample_id": ids, "alignment": a}).replace_schema_metadata({"fingerprint": fp})
-    pq.write_table(t, f.with_suffix(".tmp"))
-    os.replace(f.with_suffix(".tmp"), f)
+    _write_fingerprinted(f, pa.table({"sample_id": ids, "alignment": a}), fp)
     log(f"[bench] alignment g_bar . grad L_s of {len(ids)} candidates on {sur} ({time.perf_counter() - t0:.1f}s)")
     return a
 
 
-def _write_effort(path: Path, t: pa.Table, fp: str) -> None:
+def _write_fingerprinted(path: Path, t: pa.Table, fp: str) -> None:
+    """Write ``t`` with its config fingerprint in the schema metadata, atomically."""
     t = t.replace_schema_metadata({"fingerprint": fp})
     pq.write_table(t, path.with_suffix(".tmp"))
     os.replace(path.with_suffix(".tmp"), path)
@@ -424,7 +424,7 @@ def _effort_ray(cfg: BenchConfig, ecfg: dict, titles, ids, fp: str, log) -> np.n
                  output_columns=("sample_id", "effort"), batch_size=cfg.effort_chunk,
                  num_actors=cfg.effort_actors, num_cpus=per, progress=log, name="text-effort")
     t = read_shards(files, d)
-    _write_effort(Path(cfg.out) / EFFORT_FILE, t, fp)
+    _write_fingerprinted(Path(cfg.out) / EFFORT_FILE, t, fp)
     e = t.column("effort").to_numpy().astype(np.float64)
     return e[ids]
 
@@ -501,7 +501,7 @@ def run_benchmark(cfg: BenchConfig, *, overwrite: bool = False, measure_only: bo
     sel_cfg = SelectionConfig(budget=cfg.budget, ratio=cfg.ratio, lam=cfg.lam, groups=cfg.groups,
                               hard_prune=cfg.hard_prune)
     for m in cfg.methods:  # every problem before any work
-        SelectionConfig(**{**asdict(sel_cfg), "method": "dealrec" if m == ALIGN else m}).validate(len(ids))
+        SelectionConfig(**{**asdict(sel_cfg), "method": SELECTOR.get(m, m)}).validate(len(ids))
     budget = sel_cfg.resolve_budget(len(ids))
     log(f"[bench] {cfg.data}: {len(ids)} candidate samples of {n}, budget {budget}, seeds {list(cfg.seeds)}, "
         f"methods {list(cfg.methods)}, full-data {cfg.full_data}, strategy {cfg.strategy}")
@@ -540,12 +540,11 @@ def run_benchmark(cfg: BenchConfig, *, overwrite: bool = False, measure_only: bo
                 budget_s = float(np.median(secs)) if secs else None
             rec = _finetune(cfg, name, seed, sample_ids=ids, time_budget_s=budget_s, log=log)
         else:
+            s_in, s_name = scores, SELECTOR.get(name, name)
             if name == ALIGN:
                 if "alignment" not in scores:
                     scores["alignment"] = alignment_scores(cfg, ids, log=log)
-                s_in, s_name = {**scores, "influence": scores["alignment"]}, "dealrec"
-            else:
-                s_in, s_name = scores, name
+                s_in = {**scores, "influence": scores["alignment"]}
             res = select(s_name, s_in, SelectionConfig(**{**asdict(sel_cfg), "method": s_name, "seed": seed}),
                          n=len(ids))
             rec = _finetune(cfg, name, seed, sample_ids=ids[res.indices], log=log)

@@ -191,7 +191,7 @@ def add_arguments(p: argparse.ArgumentParser, *, defaults: dict | None = None) -
                    help="cg: maximum iterations (each is one Hessian pass; it stops earlier at relative residual 1e-3)")
     g.add_argument("--ihvp-batch-size", type=int, default=256,
                    help="samples per batch of the g_bar and Hessian passes (same result; memory grows with it; "
-                        "on a 250k-item surrogate 4096 was not faster than 256: the pass is compute-bound)")
+                        "on a 250k-item surrogate 4096 was ~4x slower than 256: longer batches pad more)")
     g.add_argument("--baseline-scores", nargs="*", default=[], choices=BASELINE_SCORES,
                    help="also score these surrogate baselines for every sample (for a later tune or benchmark "
                         "over other selectors); the el2n / ccs / grand methods get theirs anyway")

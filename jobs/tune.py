@@ -43,7 +43,6 @@ if __name__ == "__main__":  # make `engine` / `jobs` importable when run as a sc
 
 import argparse
 import json
-import os
 import time
 
 import numpy as np
@@ -53,6 +52,7 @@ import pyarrow.parquet as pq
 from engine.config import versions
 from engine.data.schema import read_items, read_sample_rows, read_split
 from engine.errors import ConfigError, DataError, ResumeError, check
+from engine.rundir import atomic_write_bytes
 from engine.selection import METHODS, REQUIRED_SCORES, SelectionConfig
 from jobs.finetune import add_llm_arguments, llm_config_from_args
 
@@ -327,9 +327,7 @@ def tune_run(args, inputs: tuple | None = None) -> dict:
         "tune_dir": str(run_dir / "tune"), "versions": versions(),
     }
     pq.write_table(pa.Table.from_pandas(table, preserve_index=False), run_dir / RESULTS_FILE)
-    tmp = run_dir / f".{BEST_FILE}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(best, indent=2, default=str))
-    os.replace(tmp, run_dir / BEST_FILE)
+    atomic_write_bytes(run_dir / BEST_FILE, json.dumps(best, indent=2, default=str).encode())
     return {"table": table, "best": best}
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ import numpy as np
 
 from engine.config import stable_hash, versions
 from engine.errors import ConfigError, DataError, check
+from engine.rundir import atomic_write_bytes
 from engine.selection import SelectionConfig
 
 TUNE_FILE = "tune.json"
@@ -190,9 +190,7 @@ def tune_lambda_k(cfg: TextTuneConfig, ids: np.ndarray, scores: dict[str, np.nda
     res = {"fingerprint": fp, "config": asdict(cfg), "trials": rows, "wall_s": time.perf_counter() - t0,
            "best": {"lam": b["lam"], "groups": b["groups"], "metric": cfg.metric, "value": b[cfg.metric]},
            "versions": versions()}
-    tmp = out / f".{TUNE_FILE}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(res, indent=2, default=str))
-    os.replace(tmp, f)
+    atomic_write_bytes(f, json.dumps(res, indent=2, default=str).encode())
     log(f"[tune] best lam={b['lam']:g} K={b['groups']} ({cfg.metric} {b[cfg.metric]:.4f}), "
         f"{res['wall_s'] / 60:.1f} min -> {f}")
     return res
