@@ -9,8 +9,15 @@ ROOT=$(pwd)
 export PATH="$ROOT/.venv/bin:$PATH" RAY_AUTH_MODE=disabled DS_ACCELERATOR=cpu TOKENIZERS_PARALLELISM=false
 DATA=${DEMO_DATA:-$ROOT/runs/demo-data}
 OUT=${DEMO_OUT:-$ROOT/runs/demo}
-PORT=${DEMO_RAY_PORT:-6390}
-DASH=${DEMO_DASHBOARD_PORT:-8265}
+# Every port this head listens on is a free one unless given: a Ray cluster already running on the
+# machine (another demo, a `ray.init()` session, a benchmark) holds the defaults (6379, 8265, the
+# dashboard agent's 52365, the client server's 10001) and a second head on them fails to start.
+free_port() { "$ROOT/.venv/bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+PORT=${DEMO_RAY_PORT:-$(free_port)}
+DASH=${DEMO_DASHBOARD_PORT:-$(free_port)}
+AGENT=$(free_port)
+CLIENT=$(free_port)
+METRICS=$(free_port)
 t0=$(date +%s)
 if [ ! -f "$DATA/meta.json" ]; then
   dealrec prepare --format synthetic --out "$DATA"
@@ -18,6 +25,7 @@ fi
 # --block keeps this cluster's processes under one command: stopping it stops them and nothing
 # else (`ray stop` would stop every Ray cluster of this user on the machine).
 ray start --head --port "$PORT" --dashboard-host 127.0.0.1 --dashboard-port "$DASH" --num-cpus 2 \
+  --dashboard-agent-listen-port "$AGENT" --ray-client-server-port "$CLIENT" --metrics-export-port "$METRICS" \
   --disable-usage-stats --block >"$OUT.ray-start.log" 2>&1 &
 HEAD_PID=$!
 trap 'kill "$HEAD_PID" 2>/dev/null || true; wait "$HEAD_PID" 2>/dev/null || true' EXIT
