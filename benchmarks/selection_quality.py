@@ -6,7 +6,9 @@ set, a budget and a list of seeds, every selector (random, grand, el2n, ccs, dea
 influence-only, effort-only, greedy) picks a subset from the SAME scores; the encoder is
 fine-tuned on each subset (jobs/finetune_textrec.py: local, DDP or Ray Train + DeepSpeed) and
 evaluated on the test period (multi-target Recall/NDCG@K, full-catalogue cosine ranking, seen
-items excluded, the same test users for every run). Two reference rows: ``zero-shot`` (no
+items excluded, the same test users for every run) and, unless ``--no-valid``, on the validation
+period as well (a second table; a run finished without it gets it on the next invocation, from
+its saved adapter, without retraining). Two reference rows: ``zero-shot`` (no
 fine-tune) and ``full-data`` (every candidate sample, either the same number of epochs or the
 same wall-time budget as the subset runs of that seed: ``--full-data epochs|walltime|skip``).
 
@@ -24,11 +26,13 @@ same config; a changed config is refused unless ``--overwrite``)::
 
     bench.json               config + fingerprint
     effort.parquet           sample_id, effort (text-encoder effort of the candidates)
-    results/METHOD__seedS.json + .npz   metrics, train summary, per-user arrays
+    results/METHOD__seedS.json + .npz   test metrics, train summary, per-user arrays
+    results/METHOD__seedS.valid.json + .npz   the same run on the validation period
     runs/METHOD__seedS/      the fine-tune folders (adapter, train.json, metrics.json)
     table.md, table.csv, table.png     mean +- std over seeds, relative to random, paired
                                        per-user bootstrap CI (users resampled jointly across
-                                       seeds) and p-value
+                                       seeds) and p-value; table.md and table.csv (column
+                                       split) also hold the validation period
 
 Search and ablations: ``--tune-lam L.. --tune-groups K..`` first runs a Ray Tune grid over
 lambda x K on validation NDCG@20 (``jobs/tune_textrec.py``, OUT/tune/) and every selection then
@@ -120,6 +124,8 @@ class BenchConfig:
     groups: int = 50
     hard_prune: float = 0.1
     max_test_users: int | None = None
+    valid: bool = field(default=True, metadata={"help": "also evaluate every run on the validation period"})
+    max_valid_users: int | None = field(default=None, metadata={"help": "seeded subset of validation users"})
     full_data: str = field(default="walltime", metadata={"help": "epochs | walltime | skip"})
     zero_shot: bool = True
     strategy: str = "local"
@@ -159,6 +165,8 @@ class BenchConfig:
         check(p, self.pool is None or self.pool >= 2, f"pool={self.pool!r}: must be >= 2")
         check(p, self.effort_chunk >= 1 and self.effort_micro_batch >= 1, "effort_chunk/effort_micro_batch must be >= 1")
         check(p, self.max_test_users is None or self.max_test_users >= 1, f"max_test_users={self.max_test_users!r}")
+        check(p, self.max_valid_users is None or self.max_valid_users >= 1,
+              f"max_valid_users={self.max_valid_users!r}")
         check(p, self.n_boot >= 100, f"n_boot={self.n_boot}: use >= 100 (2000 for reported CIs)")
         keys = {f"{m}@{k}" for k in self.ks for m in ("recall", "ndcg")}
         check(p, all(m in keys for m in self.table_metrics) and self.plot_metric in keys,
@@ -198,11 +206,16 @@ class BenchConfig:
             d["model"] = self.model
         return d
 
+    def valid_fingerprint(self) -> str:
+        """What a run's validation-period result must share (added to a finished run without retraining)."""
+        return stable_hash({"bench": self.fingerprint(), "max_valid_users": self.max_valid_users})
+
     def fingerprint(self) -> str:
         """What every result must share (seeds and methods may grow between invocations)."""
         d = asdict(self)
         for k in ("out", "seeds", "methods", "table_metrics", "plot_metric", "n_boot", "effort_backend",
-                  "effort_chunk", "effort_micro_batch", "effort_actors", "full_data", "zero_shot"):
+                  "effort_chunk", "effort_micro_batch", "effort_actors", "full_data", "zero_shot", "valid",
+                  "max_valid_users"):
             d.pop(k)
         if self.tune_lams:  # the search runs with the first seed
             d["tune_seed"] = self.seeds[0]
@@ -432,14 +445,49 @@ def _effort_ray(cfg: BenchConfig, ecfg: dict, titles, ids, fp: str, log) -> np.n
 # ----------------------------------------------------------------------------- runs
 
 
-def _result_path(out: Path, method: str, seed: int) -> Path:
-    return out / RESULTS_DIR / f"{method}__seed{seed}.json"
+def _result_path(out: Path, method: str, seed: int, split: str = "test") -> Path:
+    """results/METHOD__seedS.json (+ .npz per-user metrics) for the test period, .valid.json for validation."""
+    return out / RESULTS_DIR / (f"{method}__seed{seed}.json" if split == "test" else f"{method}__seed{seed}.{split}.json")
+
+
+def _evaluate_run(cfg: BenchConfig, run_dir: Path, seed: int, splits: Sequence[str]) -> dict[str, dict]:
+    """Evaluate a fine-tuned run's adapter on each split with ONE model (the items are encoded once).
+
+    Same users, seed and cut-offs as :func:`jobs.finetune_textrec.evaluate_adapter` (eval seed 0):
+    every run of the benchmark is evaluated on the same users.
+    """
+    from dataclasses import replace
+
+    from engine.text_encoder import TextRecConfig, build_model, evaluate
+    from jobs.finetune_textrec import ADAPTER_DIR, load_adapter
+
+    tr = TextRecConfig.from_dict(cfg.textrec(seed))
+    model = load_adapter(build_model(tr), run_dir / ADAPTER_DIR)
+    limit = {"test": cfg.max_test_users, "valid": cfg.max_valid_users}
+    return {sp: evaluate(model, cfg.data, sp, replace(tr, seed=0), max_users=limit[sp], ks=cfg.ks) for sp in splits}
+
+
+def _write_valid(cfg: BenchConfig, name: str, seed: int, m: dict) -> None:
+    p = _result_path(Path(cfg.out), name, seed, "valid")
+    rec = {"method": name, "seed": seed, "split": "valid", "fingerprint": cfg.valid_fingerprint(),
+           "users": m["users"], "eval_seconds": m["seconds"], "metrics": {k: v for k, v in m.items() if "@" in k}}
+    _write_eval(p, m, rec)
+
+
+def _write_eval(p: Path, m: dict, rec: dict) -> None:
+    """The per-user npz, then the json record (its presence marks the result as finished)."""
+    tmp = p.with_name(f".{p.stem}.tmp-{os.getpid()}.npz")
+    np.savez_compressed(tmp, user_ids=np.asarray(m["user_ids"], dtype=str), **m["per_user"])
+    os.replace(tmp, p.with_suffix(".npz"))
+    tmp = p.with_suffix(".tmp")
+    tmp.write_text(json.dumps(rec, indent=2))
+    os.replace(tmp, p)
 
 
 def _finetune(cfg: BenchConfig, name: str, seed: int, *, sample_ids=None, all_samples=False, epochs=None,
               time_budget_s=None, log=print) -> dict:
     """Fine-tune + evaluate one run; returns the result record (written to results/)."""
-    from jobs.finetune_textrec import TextFinetuneConfig, fit, read_per_user
+    from jobs.finetune_textrec import TextFinetuneConfig, fit
 
     out = Path(cfg.out)
     tr = cfg.textrec(seed)
@@ -448,32 +496,32 @@ def _finetune(cfg: BenchConfig, name: str, seed: int, *, sample_ids=None, all_sa
     ft = TextFinetuneConfig(
         data=cfg.data, out=str(out / RUNS_DIR / f"{name}__seed{seed}"),
         sample_ids=None if all_samples else [int(i) for i in sample_ids], all_samples=all_samples,
-        textrec=tr, strategy=cfg.strategy, workers=cfg.workers, time_budget_s=time_budget_s, split="test",
+        textrec=tr, strategy=cfg.strategy, workers=cfg.workers, time_budget_s=time_budget_s, split="none",
         max_eval_users=cfg.max_test_users, eval_seed=0, ks=cfg.ks)
     t0 = time.perf_counter()
-    res = fit(ft, overwrite=True, log=None)
-    pu = read_per_user(ft.out)
+    res = fit(ft, overwrite=True, log=None)  # trains (or reuses the trained adapter); evaluation below
+    ev = _evaluate_run(cfg, Path(ft.out), seed, ["test", "valid"] if cfg.valid else ["test"])
+    if cfg.valid:
+        _write_valid(cfg, name, seed, ev["valid"])
+    m = ev["test"]
     n_train = 0 if tr["epochs"] == 0 else res["train"]["n_train"]  # zero-shot: nothing trained
     rec = {"method": name, "seed": seed, "fingerprint": cfg.fingerprint(), "n_train": n_train,
            "train_seconds": res["train"]["train_seconds"], "optimizer_steps": res["train"]["optimizer_steps"],
            "train_losses": res["train"]["train_losses"], "stopped_by_time_budget": res["train"]["stopped_by_time_budget"],
-           "eval_seconds": res["metrics"]["seconds"], "users": res["metrics"]["users"],
-           "metrics": {k: v for k, v in res["metrics"].items() if "@" in k}, "wall_s": time.perf_counter() - t0,
+           "eval_seconds": m["seconds"], "users": m["users"],
+           "metrics": {k: v for k, v in m.items() if "@" in k}, "wall_s": time.perf_counter() - t0,
            "time_budget_s": time_budget_s, "epochs": tr["epochs"]}
-    p = _result_path(out, name, seed)
-    np.savez_compressed(p.with_suffix(".npz"), **pu)
-    tmp = p.with_suffix(".tmp")
-    tmp.write_text(json.dumps(rec, indent=2))
-    os.replace(tmp, p)
+    _write_eval(_result_path(out, name, seed), m, rec)
     return rec
 
 
-def _load_result(cfg: BenchConfig, method: str, seed: int) -> dict | None:
-    p = _result_path(Path(cfg.out), method, seed)
+def _load_result(cfg: BenchConfig, method: str, seed: int, split: str = "test") -> dict | None:
+    p = _result_path(Path(cfg.out), method, seed, split)
     if not (p.exists() and p.with_suffix(".npz").exists()):
         return None
     rec = json.loads(p.read_text())
-    return rec if rec.get("fingerprint") == cfg.fingerprint() else None
+    want = cfg.fingerprint() if split == "test" else cfg.valid_fingerprint()
+    return rec if rec.get("fingerprint") == want else None
 
 
 def run_benchmark(cfg: BenchConfig, *, overwrite: bool = False, measure_only: bool = False, log=print) -> dict | None:
@@ -529,7 +577,14 @@ def run_benchmark(cfg: BenchConfig, *, overwrite: bool = False, measure_only: bo
     for k, (name, seed) in enumerate(plan, 1):
         prev = _load_result(cfg, name, seed)
         if prev is not None:
-            log(f"[{k}/{len(plan)}] {name} seed {seed}: done before, skipped")
+            if cfg.valid and _load_result(cfg, name, seed, "valid") is None:  # finished before --valid existed
+                t0 = time.perf_counter()
+                v = _evaluate_run(cfg, out / RUNS_DIR / f"{name}__seed{seed}", seed, ["valid"])["valid"]
+                _write_valid(cfg, name, seed, v)
+                log(f"[{k}/{len(plan)}] {name} seed {seed}: trained before; validation period evaluated "
+                    f"({v['users']} users, {time.perf_counter() - t0:.1f}s): {cfg.plot_metric} {v[cfg.plot_metric]:.4f}")
+            else:
+                log(f"[{k}/{len(plan)}] {name} seed {seed}: done before, skipped")
             continue
         if name == ZERO_SHOT:
             rec = _finetune(cfg, name, seed, all_samples=True, epochs=0, log=log)
@@ -563,15 +618,16 @@ def run_benchmark(cfg: BenchConfig, *, overwrite: bool = False, measure_only: bo
 # ----------------------------------------------------------------------------- table
 
 
-def _gather(cfg: BenchConfig, name: str) -> tuple[list[int], dict[str, np.ndarray], list[dict], np.ndarray | None]:
-    """Seeds, per-metric [S, U] per-user matrices, records and user ids of one row."""
+def _gather(cfg: BenchConfig, name: str, split: str = "test"
+            ) -> tuple[list[int], dict[str, np.ndarray], list[dict], np.ndarray | None]:
+    """Seeds, per-metric [S, U] per-user matrices on ``split``, (test) records and user ids of one row."""
     seeds, recs, mats, uids = [], [], {}, None
     pool = cfg.seeds if name != ZERO_SHOT else cfg.seeds[:1]
     for s in pool:
         rec = _load_result(cfg, name, s)
-        if rec is None:
+        if rec is None or (split != "test" and _load_result(cfg, name, s, split) is None):
             continue
-        with np.load(_result_path(Path(cfg.out), name, s).with_suffix(".npz")) as z:
+        with np.load(_result_path(Path(cfg.out), name, s, split).with_suffix(".npz")) as z:
             u = z["user_ids"]
             if uids is None:
                 uids = u
@@ -592,17 +648,17 @@ ABLATIONS = (("greedy", "strata (Algorithm 2) vs top-k of the same score"),
              (ALIGN, "the inverse Hessian (iHVP influence vs plain gradient alignment)"))
 
 
-def ablation_rows(cfg: BenchConfig, metrics: Sequence[str]) -> list[dict]:
+def ablation_rows(cfg: BenchConfig, metrics: Sequence[str], split: str = "test") -> list[dict]:
     """dealrec against each ablation present (same seeds, same users): the relative change of
     dealrec's mean over the ablation's, with the paired per-user bootstrap CI and p."""
     from engine.bootstrap import seed_pooled
 
-    d_seeds, d_mats, _, _ = _gather(cfg, "dealrec")
+    d_seeds, d_mats, _, _ = _gather(cfg, "dealrec", split)
     rows = []
     for name, what in ABLATIONS:
         if name not in cfg.methods or not d_seeds:
             continue
-        seeds, mats, _, _ = _gather(cfg, name)
+        seeds, mats, _, _ = _gather(cfg, name, split)
         common = [x for x in seeds if x in d_seeds]
         if not common:
             continue
@@ -612,17 +668,16 @@ def ablation_rows(cfg: BenchConfig, metrics: Sequence[str]) -> list[dict]:
     return rows
 
 
-def write_table(cfg: BenchConfig, *, log=print) -> dict:
-    """table.md / table.csv / table.png from the finished results (partial results are shown as such)."""
+def table_rows(cfg: BenchConfig, split: str = "test") -> list[dict]:
+    """One row per method with results on ``split``: mean ± std over seeds and the paired bootstrap vs random."""
     from engine.bootstrap import seed_pooled
 
-    out = Path(cfg.out)
     names = [m for m in cfg.methods] + ([FULL_DATA] if cfg.full_data != "skip" else []) + \
         ([ZERO_SHOT] if cfg.zero_shot else [])
-    ref_seeds, ref_mats, _, ref_uids = _gather(cfg, REFERENCE)
+    ref_seeds, ref_mats, _, ref_uids = _gather(cfg, REFERENCE, split)
     rows = []
     for name in names:
-        seeds, mats, recs, uids = _gather(cfg, name)
+        seeds, mats, recs, uids = _gather(cfg, name, split)
         if not seeds:
             continue
         if ref_uids is not None and not np.array_equal(uids, ref_uids):
@@ -644,6 +699,49 @@ def write_table(cfg: BenchConfig, *, log=print) -> dict:
                     st.update(seed_pooled(a, b, n_boot=cfg.n_boot, seed=0))
             row["stats"][metric] = st
         rows.append(row)
+    return rows
+
+
+def _markdown_rows(rows: list[dict], tm: Sequence[str]) -> list[str]:
+    md = ["| method | seeds | train samples | train s | " + " | ".join(tm) + " | "
+          + " | ".join(f"Δ {m} [95% CI] (p)" for m in tm) + " |", "|" + "---|" * (4 + 2 * len(tm))]
+    for row in rows:
+        cells = [row["method"], str(row["seeds"]), str(row["n_train"]), f"{row['train_s']:.0f}"]
+        cells += [f"{row['stats'][m]['mean']:.4f} ± {row['stats'][m]['std']:.4f}" for m in tm]
+        for m in tm:
+            st = row["stats"][m]
+            if "rel_diff" in st and not math.isnan(st["rel_diff"]):
+                cells.append(f"{100 * st['rel_diff']:+.1f}% [{100 * st['ci_low']:+.1f}, {100 * st['ci_high']:+.1f}] "
+                             f"(p={st['p_value']:.3f})")
+            else:
+                cells.append("ref" if row["method"] == REFERENCE else "–")
+        md.append("| " + " | ".join(cells) + " |")
+    return md
+
+
+def _markdown_ablations(abl: list[dict], tm: Sequence[str]) -> list[str]:
+    if not abl:
+        return []
+    md = ["", "Components: dealrec against each ablation (Δ = dealrec's mean relative to the ablation's, "
+          "paired per-user bootstrap CI over the common seeds; > 0: the component helps).", "",
+          "| dealrec vs | component tested | seeds | " + " | ".join(f"Δ {m} [95% CI] (p)" for m in tm) + " |",
+          "|" + "---|" * (3 + len(tm))]
+    for r in abl:
+        md.append(f"| {r['ablation']} | {r['component']} | {r['seeds']} | " + " | ".join(
+            f"{100 * r['stats'][m]['rel_diff']:+.1f}% [{100 * r['stats'][m]['ci_low']:+.1f}, "
+            f"{100 * r['stats'][m]['ci_high']:+.1f}] (p={r['stats'][m]['p_value']:.3f})" for m in tm) + " |")
+    return md
+
+
+def write_table(cfg: BenchConfig, *, log=print) -> dict:
+    """table.md / table.csv / table.png from the finished results (partial results are shown as such).
+
+    The test period is the table; the validation period (when evaluated) follows as a second
+    table of the same form: other targets of (mostly) the same users, a second look at the same
+    runs, not an independent replication, and dealrec's lambda and K were chosen on it.
+    """
+    out = Path(cfg.out)
+    rows = table_rows(cfg, "test")
     budget_txt = f"budget {cfg.budget}" if cfg.budget is not None else f"ratio {cfg.ratio}"
     full_txt = {"epochs": f"full-data = every candidate, the same {cfg.epochs} epochs",
                 "walltime": "full-data = every candidate, for the median training wall time of that seed's subset "
@@ -666,37 +764,28 @@ def write_table(cfg: BenchConfig, *, log=print) -> dict:
               f"with a 95% paired per-user bootstrap CI (users resampled jointly across seeds, {cfg.n_boot} "
               "resamples) and its two-sided p.\n")
     tm = cfg.table_metrics
-    md = [header, "| method | seeds | train samples | train s | " + " | ".join(tm) + " | "
-          + " | ".join(f"Δ {m} [95% CI] (p)" for m in tm) + " |",
-          "|" + "---|" * (4 + 2 * len(tm))]
+    md = [header] + _markdown_rows(rows, tm) + _markdown_ablations(ablation_rows(cfg, tm), tm)
+    v_rows = table_rows(cfg, "valid") if cfg.valid else []
+    if v_rows:
+        v_users = next((json.loads(p.read_text()).get("users") for p in
+                        sorted((out / RESULTS_DIR).glob("*.valid.json"))), "?")
+        chosen = (f" dealrec's lambda {lam:g} and K {groups} were chosen (Ray Tune) on validation NDCG@20 of "
+                  f"{cfg.tune_val_users or 'all'} of these users, which favours the dealrec row here."
+                  if cfg.tune_lams else "")
+        md += ["", f"## Validation period ({v_users} users)", "",
+               "The same fine-tuned runs evaluated on the validation period (the targets between training and "
+               "test; same ranking, metrics and bootstrap)." + chosen, ""]
+        md += _markdown_rows(v_rows, tm) + _markdown_ablations(ablation_rows(cfg, tm, "valid"), tm)
     csv_rows = []
-    for row in rows:
-        cells = [row["method"], str(row["seeds"]), str(row["n_train"]), f"{row['train_s']:.0f}"]
-        cells += [f"{row['stats'][m]['mean']:.4f} ± {row['stats'][m]['std']:.4f}" for m in tm]
-        for m in tm:
-            st = row["stats"][m]
-            if "rel_diff" in st and not math.isnan(st["rel_diff"]):
-                cells.append(f"{100 * st['rel_diff']:+.1f}% [{100 * st['ci_low']:+.1f}, {100 * st['ci_high']:+.1f}] "
-                             f"(p={st['p_value']:.3f})")
-            else:
-                cells.append("ref" if row["method"] == REFERENCE else "–")
-        md.append("| " + " | ".join(cells) + " |")
-        for m in sorted(set(tm) | {cfg.plot_metric}):
-            st = row["stats"][m]
-            csv_rows.append({"method": row["method"], "seeds": row["seeds"], "n_train": row["n_train"],
-                             "train_seconds": round(row["train_s"], 2), "metric": m, "mean": st["mean"],
-                             "std": st["std"], "rel_diff_vs_random": st.get("rel_diff"), "ci_low": st.get("ci_low"),
-                             "ci_high": st.get("ci_high"), "p_value": st.get("p_value"), "users": st.get("users")})
-    abl = ablation_rows(cfg, tm)
-    if abl:
-        md += ["", "Components: dealrec against each ablation (Δ = dealrec's mean relative to the ablation's, "
-               "paired per-user bootstrap CI over the common seeds; > 0: the component helps).", "",
-               "| dealrec vs | component tested | seeds | " + " | ".join(f"Δ {m} [95% CI] (p)" for m in tm) + " |",
-               "|" + "---|" * (3 + len(tm))]
-        for r in abl:
-            md.append(f"| {r['ablation']} | {r['component']} | {r['seeds']} | " + " | ".join(
-                f"{100 * r['stats'][m]['rel_diff']:+.1f}% [{100 * r['stats'][m]['ci_low']:+.1f}, "
-                f"{100 * r['stats'][m]['ci_high']:+.1f}] (p={r['stats'][m]['p_value']:.3f})" for m in tm) + " |")
+    for split, rs in (("test", rows), ("valid", v_rows)):
+        for row in rs:
+            for m in sorted(set(tm) | {cfg.plot_metric}):
+                st = row["stats"][m]
+                csv_rows.append({"split": split, "method": row["method"], "seeds": row["seeds"],
+                                 "n_train": row["n_train"], "train_seconds": round(row["train_s"], 2), "metric": m,
+                                 "mean": st["mean"], "std": st["std"], "rel_diff_vs_random": st.get("rel_diff"),
+                                 "ci_low": st.get("ci_low"), "ci_high": st.get("ci_high"),
+                                 "p_value": st.get("p_value"), "users": st.get("users")})
     (out / "table.md").write_text("\n".join(md) + "\n")
     with open(out / "table.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(csv_rows[0]) if csv_rows else ["method"])
@@ -705,11 +794,13 @@ def write_table(cfg: BenchConfig, *, log=print) -> dict:
     _plot(cfg, rows, out / "table.png")
     log("\n".join(md))
     log(f"[bench] wrote {out / 'table.md'}, {out / 'table.csv'}, {out / 'table.png'}")
-    return {"rows": rows, "markdown": "\n".join(md)}
+    return {"rows": rows, "valid_rows": v_rows, "markdown": "\n".join(md)}
 
 
 def _load_any_users(cfg: BenchConfig) -> int | str:
     for p in sorted((Path(cfg.out) / RESULTS_DIR).glob("*.json")):
+        if p.name.endswith(".valid.json"):
+            continue
         return json.loads(p.read_text()).get("users", "?")
     return "?"
 
@@ -762,6 +853,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--groups", type=int, default=50)
     ap.add_argument("--hard-prune", type=float, default=0.1)
     ap.add_argument("--max-test-users", type=int, default=None, help="seeded subset of test users (default all)")
+    ap.add_argument("--no-valid", action="store_true",
+                    help="skip the validation-period evaluation of every run (a second table; on by default)")
+    ap.add_argument("--max-valid-users", type=int, default=None, help="seeded subset of validation users (default all)")
     ap.add_argument("--full-data", choices=["epochs", "walltime", "skip"], default="walltime")
     ap.add_argument("--no-zero-shot", action="store_true")
     ap.add_argument("--strategy", choices=["local", "ddp", "deepspeed"], default="local",
@@ -796,7 +890,8 @@ def config_from_args(args) -> BenchConfig:
                   effort_micro_batch=args.effort_micro_batch, effort_actors=args.effort_actors,
                   ks=tuple(args.ks), n_boot=args.n_boot, out=str(Path(args.out).resolve()),
                   tune_lams=tuple(args.tune_lam), tune_groups=tuple(args.tune_groups),
-                  tune_val_users=args.tune_val_users)
+                  tune_val_users=args.tune_val_users, valid=not args.no_valid,
+                  max_valid_users=args.max_valid_users)
     if args.dry_run_tiny:
         data, enc, scores = make_tiny_dataset(Path(args.out) / "tiny")
         common.update(seeds=tuple(args.seeds[:2]), epochs=2, lr=2e-2, n_boot=min(args.n_boot, 300), groups=5,

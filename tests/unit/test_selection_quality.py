@@ -55,13 +55,16 @@ def _tc(enc, **kw) -> dict:
 def test_dry_run_tiny_end_to_end_and_resume(tmp_path, capsys):
     out = tmp_path / "bench"
     assert sq.main(["--dry-run-tiny", "--out", str(out), "--seeds", "0", "1"]) == 0
-    results = sorted((out / "results").glob("*.json"))
+    results = sorted(p for p in (out / "results").glob("*.json") if not p.name.endswith(".valid.json"))
     assert len(results) == len(sq.METHODS) * 2 + 2 + 1  # every (method, seed), full-data per seed, zero-shot
+    assert all(p.with_suffix(".valid.json").exists() for p in results)
     md = (out / "table.md").read_text()
+    test_md, valid_md = md.split("## Validation period")
     for m in (*sq.METHODS, "full-data", "zero-shot"):
-        assert f"| {m} |" in md
+        assert f"| {m} |" in test_md and f"| {m} |" in valid_md
     rows = list(__import__("csv").DictReader(open(out / "table.csv")))
-    by = {(r["method"], r["metric"]): r for r in rows}
+    assert {r["split"] for r in rows} == {"test", "valid"}
+    by = {(r["method"], r["metric"]): r for r in rows if r["split"] == "test"}
     assert by[("random", "ndcg@20")]["rel_diff_vs_random"] == ""
     d = by[("dealrec", "ndcg@20")]
     assert float(d["ci_low"]) <= float(d["rel_diff_vs_random"]) <= float(d["ci_high"])
@@ -84,11 +87,40 @@ def test_dry_run_tiny_end_to_end_and_resume(tmp_path, capsys):
     u0 = np.load(out / "results" / "random__seed0.npz")["user_ids"]
     assert np.array_equal(u0, np.load(out / "results" / "greedy__seed1.npz")["user_ids"])
 
+    # both periods' numbers are what the fine-tune job's own evaluation gives for the saved adapter
+    cfg = sq.config_from_args(sq.build_parser().parse_args(["--dry-run-tiny", "--out", str(out)]))
+    run = out / "runs" / "dealrec__seed1"
+    for split, suffix in (("test", ".json"), ("valid", ".valid.json")):
+        ft = ftr.TextFinetuneConfig(data=cfg.data, out=str(run), sample_ids=[0], textrec=cfg.textrec(1),
+                                    split=split, eval_seed=0, ks=cfg.ks)
+        want = ftr.evaluate_adapter(ft, run / ftr.ADAPTER_DIR)
+        got = json.loads((out / "results" / f"dealrec__seed1{suffix}").read_text())
+        assert got["users"] == want["users"] == 160
+        for k, v in got["metrics"].items():
+            assert v == pytest.approx(want[k], abs=1e-12), (split, k)
+        z = np.load(out / "results" / f"dealrec__seed1{suffix.replace('.json', '.npz')}")
+        assert np.array_equal(z["user_ids"], np.asarray(want["user_ids"], dtype=str))
+        assert np.allclose(z["ndcg@20"], want["per_user"]["ndcg@20"])
+
     capsys.readouterr()
     before = (out / "table.csv").read_text()
     assert sq.main(["--dry-run-tiny", "--out", str(out), "--seeds", "0", "1"]) == 0
     log = capsys.readouterr().out
     assert log.count("done before, skipped") == len(results)
+    assert (out / "table.csv").read_text() == before
+
+    # a run finished without its validation result (e.g. before --valid existed) gets it from the
+    # saved adapter, without retraining; the table is unchanged
+    v = out / "results" / "greedy__seed0.valid.json"
+    want = v.read_text()
+    v.unlink()
+    train_json = (out / "runs" / "greedy__seed0" / "train.json").stat().st_mtime_ns
+    assert sq.main(["--dry-run-tiny", "--out", str(out), "--seeds", "0", "1"]) == 0
+    log = capsys.readouterr().out
+    assert "greedy seed 0: trained before; validation period evaluated" in log
+    assert log.count("done before, skipped") == len(results) - 1
+    assert json.loads(v.read_text())["metrics"] == json.loads(want)["metrics"]
+    assert (out / "runs" / "greedy__seed0" / "train.json").stat().st_mtime_ns == train_json
     assert (out / "table.csv").read_text() == before
 
     assert sq.main(["--dry-run-tiny", "--out", str(out), "--seeds", "0", "1", "--budget", "30"]) == 2
