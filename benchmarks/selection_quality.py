@@ -425,9 +425,9 @@ def _effort_ray(cfg: BenchConfig, ecfg: dict, titles, ids, fp: str, log) -> np.n
     from actors.shards import READ_CPUS, read_shards, score_shards
     from actors.text_effort import TextEffortScorer
     from engine.data.schema import sample_files
+    from jobs.ray_init import init_ray
 
-    if not ray.is_initialized():
-        ray.init(runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}})
+    init_ray(runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}})
     files = sample_files(cfg.data)
     total = float(ray.cluster_resources().get("CPU", 1.0))
     per = max(0.05, min(1.0, (total - READ_CPUS) / cfg.effort_actors))
@@ -931,12 +931,11 @@ def main(argv=None) -> int:
 
             torch.set_num_threads(threads)
         if cfg.strategy != "local" or cfg.tune_lams:
-            import ray
+            from jobs.ray_init import init_ray
 
-            if not ray.is_initialized():
-                ray.init(runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "DS_ACCELERATOR": "cpu",
-                                                   "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-                                                   "PYTHONPATH": str(ROOT)}})
+            init_ray(runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "DS_ACCELERATOR": "cpu",
+                                               "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+                                               "PYTHONPATH": str(ROOT)}})
         run_benchmark(cfg, overwrite=args.overwrite, measure_only=args.effort_measure_only)
     except DealrecError as e:
         print(f"selection_quality: error: {e}", file=sys.stderr)

@@ -28,7 +28,17 @@ ray start --head --port "$PORT" --dashboard-host 127.0.0.1 --dashboard-port "$DA
   --dashboard-agent-listen-port "$AGENT" --ray-client-server-port "$CLIENT" --metrics-export-port "$METRICS" \
   --disable-usage-stats --block >"$OUT.ray-start.log" 2>&1 &
 HEAD_PID=$!
-trap 'kill "$HEAD_PID" 2>/dev/null || true; wait "$HEAD_PID" 2>/dev/null || true' EXIT
+cleanup() {
+  kill "$HEAD_PID" 2>/dev/null || true
+  wait "$HEAD_PID" 2>/dev/null || true
+  # `ray start` recorded this head as the machine's current cluster; `ray stop` forgets it, a killed
+  # head does not, and a later plain `ray.init()` would retry the dead address for minutes.
+  local f
+  f=$("$ROOT/.venv/bin/python" -c 'from ray._common.utils import get_ray_address_file as g; print(g(None))' \
+      2>/dev/null) || return 0
+  if [ -f "$f" ] && grep -q ":$PORT\$" "$f"; then rm -f "$f"; fi
+}
+trap cleanup EXIT
 for _ in $(seq 180); do  # `ray start` prints this once the node (and its job agent) is up
   grep -q "Ray runtime started" "$OUT.ray-start.log" 2>/dev/null && break
   kill -0 "$HEAD_PID" 2>/dev/null || { cat "$OUT.ray-start.log" >&2; echo "ray start failed" >&2; exit 1; }

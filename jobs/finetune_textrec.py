@@ -717,7 +717,9 @@ def run(args) -> int:
         import ray
 
         if not ray.is_initialized():
-            ray.init(address=args.address, runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}})
+            from jobs.ray_init import init_ray
+
+            init_ray(address=args.address, runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}})
     res = fit(cfg, overwrite=args.overwrite)
     tr = res["train"]
     print(f"fine-tune: {tr['n_train']} samples, {tr['optimizer_steps']} steps, "

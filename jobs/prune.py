@@ -311,7 +311,9 @@ def _init_ray():
 
     if not ray.is_initialized():
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(ignore_reinit_error=True, log_to_driver=True)
+        from jobs.ray_init import init_ray
+
+        init_ray(ignore_reinit_error=True, log_to_driver=True)
         ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
     return ray
 

@@ -188,8 +188,9 @@ def train_surrogate_ray(
     out.mkdir(parents=True, exist_ok=True)
     storage = Path(storage_path).resolve() if storage_path is not None else out
     shutil.rmtree(storage / RAY_RUN_NAME, ignore_errors=True)  # a fresh run, never a resume
-    if not ray.is_initialized():
-        ray.init(runtime_env={"env_vars": {"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}})
+    from jobs.ray_init import init_ray
+
+    init_ray(runtime_env={"env_vars": {"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}})
     use_gpu = _cluster_has_gpus(ray) if use_gpu is None else bool(use_gpu)
     env = {"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
     t0 = time.perf_counter()

@@ -158,9 +158,10 @@ def tune_lambda_k(cfg: TextTuneConfig, ids: np.ndarray, scores: dict[str, np.nda
     n_trials = len(cfg.lams) * len(cfg.groups)
     log(f"[tune] grid lam {list(cfg.lams)} x K {list(cfg.groups)} = {n_trials} trials on validation "
         f"{cfg.metric} ({cfg.val_users or 'all'} users), {cfg.max_concurrent} at a time")
-    if not ray.is_initialized():
-        ray.init(runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false",
-                                           "HF_HUB_OFFLINE": "1"}})
+    from jobs.ray_init import init_ray
+
+    init_ray(runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false",
+                                       "HF_HUB_OFFLINE": "1"}})
     t0 = time.perf_counter()
     shared = {"cfg": asdict(cfg), "ids": np.asarray(ids), "scores": {k: np.asarray(scores[k]) for k in
                                                                        ("influence", "effort")}}
