@@ -578,8 +578,13 @@ def run_benchmark(cfg: BenchConfig, *, overwrite: bool = False, measure_only: bo
         prev = _load_result(cfg, name, seed)
         if prev is not None:
             if cfg.valid and _load_result(cfg, name, seed, "valid") is None:  # finished before --valid existed
+                run_dir = out / RUNS_DIR / f"{name}__seed{seed}"
+                if not (run_dir / "adapter").is_dir():
+                    raise ResumeError(f"{name} seed {seed} has a test result but no adapter in {run_dir} to evaluate "
+                                      f"on the validation period: delete {_result_path(out, name, seed)} to retrain "
+                                      "it, or pass --no-valid")
                 t0 = time.perf_counter()
-                v = _evaluate_run(cfg, out / RUNS_DIR / f"{name}__seed{seed}", seed, ["valid"])["valid"]
+                v = _evaluate_run(cfg, run_dir, seed, ["valid"])["valid"]
                 _write_valid(cfg, name, seed, v)
                 log(f"[{k}/{len(plan)}] {name} seed {seed}: trained before; validation period evaluated "
                     f"({v['users']} users, {time.perf_counter() - t0:.1f}s): {cfg.plot_metric} {v[cfg.plot_metric]:.4f}")

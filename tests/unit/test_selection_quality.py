@@ -122,6 +122,14 @@ def test_dry_run_tiny_end_to_end_and_resume(tmp_path, capsys):
     assert json.loads(v.read_text())["metrics"] == json.loads(want)["metrics"]
     assert (out / "runs" / "greedy__seed0" / "train.json").stat().st_mtime_ns == train_json
     assert (out / "table.csv").read_text() == before
+    # ... and says what to do when the adapter to evaluate is gone
+    v.unlink()
+    import shutil
+
+    shutil.rmtree(out / "runs" / "greedy__seed0" / "adapter")
+    assert sq.main(["--dry-run-tiny", "--out", str(out), "--seeds", "0", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "greedy seed 0 has a test result but no adapter" in err and "--no-valid" in err
 
     assert sq.main(["--dry-run-tiny", "--out", str(out), "--seeds", "0", "1", "--budget", "30"]) == 2
     assert "--overwrite" in capsys.readouterr().err
