@@ -451,20 +451,14 @@ def _result_path(out: Path, method: str, seed: int, split: str = "test") -> Path
 
 
 def _evaluate_run(cfg: BenchConfig, run_dir: Path, seed: int, splits: Sequence[str]) -> dict[str, dict]:
-    """Evaluate a fine-tuned run's adapter on each split with ONE model (the items are encoded once).
+    """A fine-tuned run's adapter on each split (one model), with the job's own evaluation
+    (:func:`jobs.finetune_textrec.evaluate_splits`, eval seed 0: every run on the same users)."""
+    from engine.text_encoder import TextRecConfig
+    from jobs.finetune_textrec import ADAPTER_DIR, evaluate_splits
 
-    Same users, seed and cut-offs as :func:`jobs.finetune_textrec.evaluate_adapter` (eval seed 0):
-    every run of the benchmark is evaluated on the same users.
-    """
-    from dataclasses import replace
-
-    from engine.text_encoder import TextRecConfig, build_model, evaluate
-    from jobs.finetune_textrec import ADAPTER_DIR, load_adapter
-
-    tr = TextRecConfig.from_dict(cfg.textrec(seed))
-    model = load_adapter(build_model(tr), run_dir / ADAPTER_DIR)
     limit = {"test": cfg.max_test_users, "valid": cfg.max_valid_users}
-    return {sp: evaluate(model, cfg.data, sp, replace(tr, seed=0), max_users=limit[sp], ks=cfg.ks) for sp in splits}
+    return evaluate_splits(TextRecConfig.from_dict(cfg.textrec(seed)), cfg.data, run_dir / ADAPTER_DIR,
+                           {sp: limit[sp] for sp in splits}, eval_seed=0, ks=cfg.ks)
 
 
 def _write_valid(cfg: BenchConfig, name: str, seed: int, m: dict) -> None:
@@ -578,8 +572,10 @@ def run_benchmark(cfg: BenchConfig, *, overwrite: bool = False, measure_only: bo
         prev = _load_result(cfg, name, seed)
         if prev is not None:
             if cfg.valid and _load_result(cfg, name, seed, "valid") is None:  # finished before --valid existed
+                from jobs.finetune_textrec import ADAPTER_DIR
+
                 run_dir = out / RUNS_DIR / f"{name}__seed{seed}"
-                if not (run_dir / "adapter").is_dir():
+                if not (run_dir / ADAPTER_DIR).is_dir():
                     raise ResumeError(f"{name} seed {seed} has a test result but no adapter in {run_dir} to evaluate "
                                       f"on the validation period: delete {_result_path(out, name, seed)} to retrain "
                                       "it, or pass --no-valid")
@@ -772,8 +768,7 @@ def write_table(cfg: BenchConfig, *, log=print) -> dict:
     md = [header] + _markdown_rows(rows, tm) + _markdown_ablations(ablation_rows(cfg, tm), tm)
     v_rows = table_rows(cfg, "valid") if cfg.valid else []
     if v_rows:
-        v_users = next((json.loads(p.read_text()).get("users") for p in
-                        sorted((out / RESULTS_DIR).glob("*.valid.json"))), "?")
+        v_users = _load_any_users(cfg, "valid")
         chosen = (f" dealrec's lambda {lam:g} and K {groups} were chosen (Ray Tune) on validation NDCG@20 of "
                   f"{cfg.tune_val_users or 'all'} of these users, which favours the dealrec row here."
                   if cfg.tune_lams else "")
@@ -802,11 +797,11 @@ def write_table(cfg: BenchConfig, *, log=print) -> dict:
     return {"rows": rows, "valid_rows": v_rows, "markdown": "\n".join(md)}
 
 
-def _load_any_users(cfg: BenchConfig) -> int | str:
+def _load_any_users(cfg: BenchConfig, split: str = "test") -> int | str:
+    """Evaluated users of the first result on ``split`` (every run has the same)."""
     for p in sorted((Path(cfg.out) / RESULTS_DIR).glob("*.json")):
-        if p.name.endswith(".valid.json"):
-            continue
-        return json.loads(p.read_text()).get("users", "?")
+        if p.name.endswith(".valid.json") == (split == "valid"):
+            return json.loads(p.read_text()).get("users", "?")
     return "?"
 
 

@@ -58,6 +58,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from types import SimpleNamespace
 
@@ -634,11 +635,31 @@ def evaluate_adapter(cfg: TextFinetuneConfig, adapter: str | os.PathLike) -> dic
     The user subset is drawn with ``cfg.eval_seed`` (not the training seed), so every run of a
     comparison is evaluated on the same users.
     """
+    return evaluate_splits(cfg.textrec, cfg.data, adapter, {cfg.split: cfg.max_eval_users},
+                           eval_seed=cfg.eval_seed, ks=cfg.ks)[cfg.split]
+
+
+def evaluate_splits(textrec: TextRecConfig, data: str | os.PathLike, adapter: str | os.PathLike,
+                    max_users: dict[str, int | None], *, eval_seed: int = 0,
+                    ks: Sequence[int] = DEFAULT_KS) -> dict[str, dict]:
+    """:func:`evaluate_adapter` on several splits with ONE loaded model (the items are encoded once).
+
+    Args:
+        textrec: the encoder config the adapter was trained with.
+        data: prepared data folder.
+        adapter: the exported adapter folder.
+        max_users: ``{split: seeded user subset size or None (all)}``, evaluated in this order.
+        eval_seed: draws the user subsets.
+        ks: cut-offs.
+
+    Returns:
+        ``{split: evaluate(...) result}``.
+    """
     from engine.text_encoder import build_model, evaluate
 
-    model = load_adapter(build_model(cfg.textrec), adapter)
-    return evaluate(model, cfg.data, cfg.split, replace(cfg.textrec, seed=cfg.eval_seed),
-                    max_users=cfg.max_eval_users, ks=cfg.ks)
+    model = load_adapter(build_model(textrec), adapter)
+    return {sp: evaluate(model, data, sp, replace(textrec, seed=eval_seed), max_users=n, ks=ks)
+            for sp, n in max_users.items()}
 
 
 def read_per_user(out: str | os.PathLike) -> dict:
@@ -714,12 +735,9 @@ def run(args) -> int:
     """Entry point. Returns 0 on success; raises ConfigError/DataError/ResumeError."""
     cfg = config_from_args(args)
     if cfg.strategy != "local":
-        import ray
+        from jobs.ray_init import init_ray
 
-        if not ray.is_initialized():
-            from jobs.ray_init import init_ray
-
-            init_ray(address=args.address, runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}})
+        init_ray(address=args.address, runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}})
     res = fit(cfg, overwrite=args.overwrite)
     tr = res["train"]
     print(f"fine-tune: {tr['n_train']} samples, {tr['optimizer_steps']} steps, "

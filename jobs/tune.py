@@ -337,13 +337,10 @@ def run(args) -> int:
     Returns:
         0 on success.
     """
-    import ray
+    from jobs.ray_init import init_ray
 
     inputs = validate_inputs(args)  # bad input fails here, before a Ray cluster is started or joined
-    if not ray.is_initialized():
-        from jobs.ray_init import init_ray
-
-        init_ray(address=args.address, runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}})
+    init_ray(address=args.address, runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}})
     out = tune_run(args, inputs)
     import pandas as pd
 
