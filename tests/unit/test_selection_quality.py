@@ -71,9 +71,10 @@ def test_dry_run_tiny_end_to_end_and_resume(tmp_path, capsys):
     assert 0 < float(d["p_value"]) <= 1
     assert (out / "table.png").stat().st_size > 1000
     # the component table: dealrec vs greedy is the ratio of the two rows' means (same seeds, users)
-    line = next(x for x in md.splitlines() if x.startswith("| greedy | strata"))
-    want = float(d["mean"]) / float(by[("greedy", "ndcg@20")]["mean"]) - 1
-    assert line.split("|")[-2].strip().startswith(f"{100 * want:+.1f}%")
+    for name, what in (("greedy", "strata"), ("full-data", "the selection itself")):
+        line = next(x for x in md.splitlines() if x.startswith(f"| {name} | {what}"))
+        want = float(d["mean"]) / float(by[(name, "ndcg@20")]["mean"]) - 1
+        assert line.split("|")[-2].strip().startswith(f"{100 * want:+.1f}%")
     for name in ("influence-only", "effort-only"):
         assert f"| {name} | the " in md
     eff = pq.read_table(out / "effort.parquet")
