@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -32,9 +34,16 @@ from engine.errors import DealrecError
 log = logging.getLogger("dealrec.shards")
 
 PATH_COLUMN = "path"
-# Reads are light IO; a small CPU request lets them run beside an actor pool that takes
-# (almost) every CPU. A read asking for a whole CPU next to such a pool never starts (STACK.md).
-READ_CPUS = 0.25
+# Reads are light IO and ask for NO CPU, so no actor pool can starve them: any positive
+# request can be left without room on every node once the pool fills them (a 0.25-CPU read
+# beside 0.875-CPU actors on 1-CPU nodes never started: a silent hang). Their number is
+# capped instead (READ_CONCURRENCY), so they cannot flood the object store either.
+READ_CPUS = 0.0
+READ_CONCURRENCY = 4
+
+
+class StallError(DealrecError):
+    """A scoring stage made no progress for longer than its stall timeout."""
 
 
 @dataclass
@@ -124,6 +133,11 @@ def score_shards(
     num_gpus: float = 0.0,
     max_restarts: int = 3,
     max_task_retries: int = -1,
+    min_actors: int = 1,
+    max_actors: int | None = None,
+    stall_warn_s: float = 120.0,
+    stall_timeout_s: float = 1800.0,
+    stall_knobs: str = "",
     progress: Callable[[str], None] = print,
     name: str = "scores",
 ) -> ShardRunStats:
@@ -136,9 +150,17 @@ def score_shards(
             ``output_columns`` (``sample_id`` among them), rows in any order.
         constructor_args / constructor_kwargs: passed to ``scorer_cls`` once per actor
             (ObjectRefs inside are resolved by the scorer).
-        num_actors, num_cpus, num_gpus: the pool size and each actor's resources. On a
-            machine with few CPUs, keep ``num_actors * num_cpus`` below the total so that
-            read tasks still get a CPU (STACK.md: a starved pool hangs silently).
+        num_actors, num_cpus, num_gpus: the pool's initial size and each actor's resources
+            (``actors.pool.plan_pool`` sizes it per node). Reads ask for no CPU, so a pool
+            may take every CPU.
+        min_actors, max_actors: the pool autoscales in this range (None = ``num_actors``):
+            it shrinks when a node is lost and grows, within the cluster's resources, up to
+            ``max_actors`` when nodes join.
+        stall_warn_s, stall_timeout_s: with no scored batch for ``stall_warn_s`` seconds the
+            cluster's per-node use, its pending resource demands and the pool's actors are
+            logged (again every ``stall_warn_s``); after ``stall_timeout_s`` the stage fails
+            with a StallError naming ``stall_knobs`` (0 disables either). The clock counts
+            actor start-up too: set it above the time to load one model replica.
         max_restarts, max_task_retries: actor fault tolerance (a node lost mid-run; -1 =
             unlimited). Task retries default to unlimited, Ray Data's own default for
             pools: until the cluster declares a crashed node dead, every resubmitted batch
@@ -146,6 +168,7 @@ def score_shards(
 
     Raises:
         DealrecError: a shard's scored ids differ from its input ids.
+        StallError: no progress for ``stall_timeout_s``.
     """
     t0 = time.perf_counter()
     out = Path(out_dir)
@@ -160,9 +183,11 @@ def score_shards(
         return ShardRunStats(len(files), skipped, 0, 0, 0, time.perf_counter() - t0)
     expected = {f: _input_ids(f) for f in todo}
     total_rows = sum(len(v) for v in expected.values())
+    max_actors = max(int(max_actors or num_actors), int(num_actors))
+    min_actors = max(1, min(int(min_actors), int(num_actors)))
     progress(f"[{name}] scoring {len(todo)} shards ({total_rows} samples), {skipped} already done; "
-             f"{num_actors} actor(s) x {num_cpus} CPU / {num_gpus} GPU, batch {batch_size}, "
-             f"max_restarts={max_restarts}, max_task_retries={max_task_retries}")
+             f"{num_actors} actor(s) (autoscaling {min_actors}..{max_actors}) x {num_cpus} CPU / {num_gpus} GPU, "
+             f"batch {batch_size}, max_restarts={max_restarts}, max_task_retries={max_task_retries}")
 
     # One block per input file. ray.data.read_parquet (Ray 2.60, datasource v2) bin-packs
     # small files into ~128 MiB read tasks: every shard of a run would travel in one
@@ -170,11 +195,11 @@ def score_shards(
     # (a killed driver resumes nothing).
     ds = ray.data.from_items(todo, override_num_blocks=len(todo)).map_batches(
         _read_shard, fn_kwargs={"columns": list(input_columns)}, batch_size=1, batch_format="pyarrow",
-        num_cpus=READ_CPUS)
+        num_cpus=READ_CPUS, compute=ray.data.TaskPoolStrategy(size=READ_CONCURRENCY))
     ds = ds.map_batches(
         _PathCarrier,
         fn_constructor_args=(scorer_cls, tuple(constructor_args), dict(constructor_kwargs or {})),
-        compute=ray.data.ActorPoolStrategy(size=num_actors),
+        compute=ray.data.ActorPoolStrategy(min_size=min_actors, max_size=max_actors, initial_size=int(num_actors)),
         batch_size=batch_size,
         batch_format="numpy",
         num_cpus=num_cpus,
@@ -189,7 +214,9 @@ def score_shards(
     last = time.perf_counter()
     # Paths that Ray Data reports may differ in form (e.g. no leading '/'); normalise.
     norm = {os.path.normpath(f).lstrip("/"): f for f in todo}
-    for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+    batches = _watched(ds.iter_batches(batch_format="numpy", batch_size=None), warn_s=stall_warn_s,
+                       timeout_s=stall_timeout_s, knobs=stall_knobs, name=name, progress=progress)
+    for batch in batches:
         paths = batch[PATH_COLUMN]
         for p in np.unique(paths):
             key = norm.get(os.path.normpath(str(p)).lstrip("/"))
@@ -219,6 +246,63 @@ def score_shards(
     progress(f"[{name}] done: {rows_written} samples in {written} shards, {wall:.1f}s"
              + (f", {dropped} re-delivered rows dropped" if dropped else ""))
     return ShardRunStats(len(files), skipped, written, rows_written, dropped, wall)
+
+
+def _watched(it, *, warn_s: float, timeout_s: float, knobs: str, name: str, progress: Callable[[str], None]):
+    """Yield from ``it`` (consumed in a thread) and watch for stalls.
+
+    A Ray Data stream that cannot schedule its tasks blocks ``next()`` forever without a
+    word; here the driver waits on a queue instead, says what the cluster is waiting for
+    after ``warn_s`` without a batch, and fails after ``timeout_s``. On failure the
+    consuming thread is left to end with the driver (Ray Data offers no way to cancel a
+    stream from another thread); the job process exits on the error.
+    """
+    if not warn_s and not timeout_s:
+        yield from it
+        return
+    q: queue.Queue = queue.Queue(maxsize=8)
+    end = object()
+
+    def pump():
+        try:
+            for b in it:
+                q.put((None, b))
+            q.put((None, end))
+        except BaseException as e:  # re-raised in the driver's thread
+            q.put((e, None))
+
+    threading.Thread(target=pump, name=f"dealrec-{name}-stream", daemon=True).start()
+    last = last_warn = time.monotonic()
+    poll = max(0.5, min(5.0, *(t / 4 for t in (warn_s, timeout_s) if t)))
+    while True:
+        try:
+            err, b = q.get(timeout=poll)
+        except queue.Empty:
+            now = time.monotonic()
+            idle = now - last
+            if timeout_s and idle >= timeout_s:
+                diag = _diagnosis(name)
+                raise StallError(
+                    f"[{name}] no batch scored for {idle:.0f}s (stall timeout {timeout_s:g}s): the stage is waiting "
+                    f"for resources it cannot get or for actors that do not start.\n{diag}\nChange: {knobs or 'the pool size'}"
+                    " (smaller or fewer actors, or more nodes), or raise the stall timeout (0 = wait forever)")
+            if warn_s and now - last_warn >= warn_s:
+                last_warn = now
+                progress(f"[{name}] WARNING: no batch scored for {idle:.0f}s; fails after {timeout_s:g}s "
+                         f"({knobs or 'stall timeout'}).\n{_diagnosis(name)}")
+            continue
+        if err is not None:
+            raise err
+        if b is end:
+            return
+        last = last_warn = time.monotonic()
+        yield b
+
+
+def _diagnosis(name: str) -> str:
+    from actors.pool import cluster_diagnosis
+
+    return cluster_diagnosis(ray, name=name)
 
 
 def read_shards(files: Sequence[str | os.PathLike], out_dir: str | os.PathLike) -> pa.Table:

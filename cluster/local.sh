@@ -5,6 +5,8 @@
 #
 #   cluster/local.sh start 2        # head + 2 one-CPU workers; prints the addresses
 #   cluster/local.sh status         # nodes, resources, pids
+#   cluster/local.sh add            # one more worker node (a node joining a running cluster)
+#   cluster/local.sh kill I         # SIGKILL worker node I (a node lost: raylet, workers, store)
 #   cluster/local.sh stop           # stops only the processes this script started
 #
 # then, from the repository root:
@@ -47,7 +49,7 @@ WCPUS=${DEALREC_WORKER_CPUS:-1}
 GRACE=${DEALREC_STOP_GRACE_S:-20}
 
 usage() {
-  sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
   exit 2
 }
 
@@ -99,7 +101,7 @@ cmd_start() {
     echo "local.sh: a cluster is already running from $STATE (head pid $(cat "$STATE/head.pid")); run 'cluster/local.sh stop' first" >&2
     exit 1
   fi
-  rm -f "$STATE"/*.pid "$STATE"/*.log
+  rm -f "$STATE"/*.pid "$STATE"/*.killed "$STATE"/*.log
   local t0=$SECONDS
   # shellcheck disable=SC2046  # node_ports is meant to split into words
   start_node head --head --port "$PORT" --num-cpus 0 --num-gpus 0 \
@@ -120,6 +122,29 @@ cmd_start() {
   echo "  dashboard / jobs:   http://127.0.0.1:$DASH"
   echo "  export RAY_ADDRESS=http://127.0.0.1:$DASH RAY_AUTH_MODE=disabled"
   echo "  ray job submit --working-dir . --runtime-env cluster/runtime_env.local.yaml -- python jobs/prune_book.py --data ... --out ..."
+}
+
+cmd_add() {
+  alive "$(cat "$STATE/head.pid" 2>/dev/null)" || { echo "local.sh: no cluster running from $STATE" >&2; exit 1; }
+  local i=1
+  while [ -e "$STATE/worker$i.pid" ]; do i=$((i + 1)); done
+  local before
+  before=$(n_alive_nodes)
+  # shellcheck disable=SC2046
+  start_node "worker$i" --address "127.0.0.1:$PORT" --num-cpus "$WCPUS" --num-gpus 0 $(node_ports "$i")
+  wait_for 90 "worker node $i" nodes_up $((before + 1))
+  echo "worker node $i joined (pid $(cat "$STATE/worker$i.pid"))"
+}
+
+cmd_kill() {
+  local i=${1:-}
+  case $i in ''|*[!0-9]*) echo "local.sh: kill needs a worker number, got '$i'" >&2; exit 2;; esac
+  local f="$STATE/worker$i.pid"
+  [ -e "$f" ] || { echo "local.sh: no worker node $i in $STATE" >&2; exit 1; }
+  # the whole process group at once, as a machine that dies: no clean shutdown
+  kill -KILL -- "-$(cat "$f")" 2>/dev/null || true
+  mv "$f" "$STATE/worker$i.killed"
+  echo "worker node $i SIGKILLed"
 }
 
 cmd_stop() {
@@ -168,5 +193,7 @@ case ${1:-} in
   start) cmd_start "${2:-2}" ;;
   stop) cmd_stop ;;
   status) cmd_status ;;
+  add) cmd_add ;;
+  kill) cmd_kill "${2:-}" ;;
   *) usage ;;
 esac

@@ -64,7 +64,7 @@ TORCH_STATE_FILE = "torch_state.pt"
 DS_DIR = "deepspeed"
 DS_TAG = "ds"
 # Fields that may change between a run and its resume without invalidating the checkpoint.
-RESUME_FREE_FIELDS = ("stop_after_epochs", "workers_cpu", "out", "use_gpu")
+RESUME_FREE_FIELDS = ("stop_after_epochs", "workers_cpu", "out", "use_gpu", "max_failures")
 
 
 @dataclass
@@ -89,6 +89,7 @@ class FinetuneConfig:
     workers: int = field(default=2, metadata={"help": "Ray Train workers (data-parallel ranks)"})
     use_gpu: bool | None = field(default=None, metadata={"help": "one GPU per worker; None = when the cluster has GPUs"})
     workers_cpu: float = field(default=1.0, metadata={"help": "CPUs reserved per worker (CPU runs)"})
+    max_failures: int = field(default=3, metadata={"help": "Ray Train restarts of the worker group after a worker or node loss, each from the last epoch checkpoint (-1 = unlimited)"})
     lr: float = field(default=1e-4, metadata={"help": "peak learning rate (BIGRec: 1e-4)"})
     warmup_steps: int = field(default=20, metadata={"help": "linear warm-up optimiser steps (BIGRec: 20)"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
@@ -125,6 +126,8 @@ class FinetuneConfig:
         check(p, not (self.offload and self.zero_stage == 0), "offload needs zero_stage >= 1")
         check(p, not (self.offload and self.strategy != "deepspeed"), "offload needs strategy=deepspeed")
         check(p, is_int(self.workers) and self.workers >= 1, f"workers={self.workers!r} must be an int >= 1")
+        check(p, isinstance(self.max_failures, int) and self.max_failures >= -1,
+              f"max_failures={self.max_failures!r} must be an integer >= -1 (-1 = unlimited)")
         check(p, isinstance(self.workers_cpu, (int, float)) and self.workers_cpu > 0,
               f"workers_cpu={self.workers_cpu!r} must be > 0")
         check(p, isinstance(self.lr, (int, float)) and 0 < self.lr < 1, f"lr={self.lr!r} must be in (0, 1)")

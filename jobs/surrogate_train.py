@@ -137,6 +137,7 @@ def train_surrogate_ray(
     log: Callable[[str], None] = print,
     use_gpu: bool | None = None,
     cpus_per_worker: float = 1.0,
+    max_failures: int = 3,
     storage_path: str | os.PathLike | None = None,
 ) -> tuple[sur.SASRec | sur.BERT4Rec, list[dict[str, float]]]:
     """Train the surrogate on ``cfg.num_workers`` Ray Train DDP ranks; save it in ``out_dir`` and load it.
@@ -204,7 +205,10 @@ def train_surrogate_ray(
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=use_gpu,
             resources_per_worker=None if use_gpu else {"CPU": cpus_per_worker}),
+        # a lost worker or node restarts the group (training is seeded: the restart retrains
+        # the same model from the start); after that many losses the stage fails, saying so
         run_config=ray.train.RunConfig(name=RAY_RUN_NAME, storage_path=str(storage),
+                                       failure_config=ray.train.FailureConfig(max_failures=max_failures),
                                        worker_runtime_env={"env_vars": env}),
     )
     result = trainer.fit()

@@ -293,7 +293,7 @@ def tune_run(args, inputs: tuple | None = None) -> dict:
             scheduler=ASHAScheduler(time_attr="training_iteration", max_t=args.epochs, grace_period=args.grace,
                                     reduction_factor=2),
         ),
-        run_config=tune.RunConfig(name="tune", storage_path=str(run_dir), verbose=0),
+        run_config=tune.RunConfig(name="tune", failure_config=tune.FailureConfig(max_failures=2), storage_path=str(run_dir), verbose=0),
     )
     grid = tuner.fit()
     rows = []

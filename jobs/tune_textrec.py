@@ -169,7 +169,7 @@ def tune_lambda_k(cfg: TextTuneConfig, ids: np.ndarray, scores: dict[str, np.nda
         tune.with_resources(tune.with_parameters(trial, shared=shared), {"cpu": cfg.trial_cpus}),
         param_space={"lam": tune.grid_search(list(cfg.lams)), "groups": tune.grid_search(list(cfg.groups))},
         tune_config=tune.TuneConfig(metric=cfg.metric, mode="max", max_concurrent_trials=cfg.max_concurrent),
-        run_config=tune.RunConfig(name="tune", storage_path=str(out.resolve()), verbose=0),
+        run_config=tune.RunConfig(name="tune", failure_config=tune.FailureConfig(max_failures=2), storage_path=str(out.resolve()), verbose=0),
     )
     grid = tuner.fit()
     rows = []
