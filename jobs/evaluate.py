@@ -64,8 +64,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-history", type=int, default=10)
     parser.add_argument("--chunk", type=int, default=4096, help="titles per grounding block")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--model", default=None,
-                        help="base model; default: the adapter's base_model_name_or_path, else 'tiny'")
+    parser.add_argument("--model", "--llm", default=None,
+                        help="base model ('tiny', 'smollm2', a folder); default: the adapter's "
+                             "base_model_name_or_path, else 'tiny'")
     parser.add_argument("--cache-dir", default=".cache/dealrec", help="tiny bases and item-embedding cache")
     parser.add_argument("--llm-seed", type=int, default=0, help="seed of a tiny base built here")
     parser.add_argument("--workers", type=int, default=1, help="actors per pool")
