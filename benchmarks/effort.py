@@ -87,6 +87,59 @@ def time_interleaved(fns: dict, repeats: int, device: torch.device) -> tuple[dic
     return best, cpu
 
 
+def build_lora_llama(*, vocab: int, hidden: int, layers: int, heads: int, lora_r: int, device: torch.device,
+                     dtype: torch.dtype, kv_heads: int | None = None, intermediate: int | None = None,
+                     tie_embeddings: bool = False, attn: str = "eager", seed: int = 0):
+    """A random (seeded) LLaMA-architecture causal LM with peft LoRA on q_proj/v_proj, A and B
+    both non-zero, in eval mode. Built directly on ``device`` in ``dtype`` (a 7B shape is never
+    materialised in float32 on the host). ``intermediate`` defaults to LLaMA's 2.6875 x hidden."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate or int(hidden * 2.6875),
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads or heads,
+                      max_position_embeddings=1024, tie_word_embeddings=tie_embeddings)
+    with torch.device(device):
+        base = LlamaForCausalLM._from_config(cfg, dtype=dtype)
+    base.config._attn_implementation = attn
+    model = get_peft_model(base, LoraConfig(r=lora_r, lora_alpha=16, lora_dropout=0.05,
+                                            target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def random_batch(batch: int, tokens: int | list[int], vocab: int, device: torch.device, seed: int = 1) -> dict:
+    """Seeded random token ids, loss over every token (BIGRec train_on_inputs). ``tokens``: one
+    length for all rows, or a length per row (right-padded, masked, labels -100 on padding)."""
+    lengths = [tokens] * batch if isinstance(tokens, int) else list(tokens)
+    T = max(lengths)
+    ids = torch.randint(3, vocab, (len(lengths), T), generator=torch.Generator().manual_seed(seed))
+    mask = (torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]).long()
+    labels = ids.masked_fill(mask == 0, -100)
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+
+
+def effort_paths(model, batch: dict) -> dict:
+    """The three measured paths on one batch: ``effort`` (batched hooks, engine.effort),
+    ``loop`` (one forward+backward per sample) and ``fwd_bwd`` (a plain batched forward+backward
+    of the summed per-sample losses, no per-sample quantity: the floor)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def effort():
+        return per_sample_grad_norms(model, per_sample_causal_lm_loss, batch)
+
+    def loop():
+        return per_sample_grad_norms_loop(model, per_sample_causal_lm_loss, batch)
+
+    def fwd_bwd():
+        loss = per_sample_causal_lm_loss(model, batch).sum()
+        loss.backward()
+        for p in params:
+            p.grad = None
+
+    return {"effort": effort, "loop": loop, "fwd_bwd": fwd_bwd}
+
+
 def score_prepared(args) -> None:
     """Effort of every sample of a prepared folder with the default tiny LLM (engine path)."""
     import numpy as np
@@ -157,45 +210,19 @@ def main(argv=None) -> None:
     if args.score_prepared:
         return score_prepared(args)
 
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=int(args.hidden * 2.6875),
-                      num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                      num_key_value_heads=args.heads, max_position_embeddings=1024, tie_word_embeddings=False)
-    base = LlamaForCausalLM(cfg)
-    base.config._attn_implementation = "eager"
-    model = get_peft_model(base, LoraConfig(r=args.lora_r, lora_alpha=16, lora_dropout=0.05,
-                                            target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-    model.to(device=device, dtype=dtype).eval()
-    ids = torch.randint(3, args.vocab, (args.batch, args.tokens), generator=torch.Generator().manual_seed(1))
-    batch = {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
-             "labels": ids.clone().to(device)}
+    model = build_lora_llama(vocab=args.vocab, hidden=args.hidden, layers=args.layers, heads=args.heads,
+                             lora_r=args.lora_r, device=device, dtype=dtype)
+    batch = random_batch(args.batch, args.tokens, args.vocab, device)
     n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"model: LLaMA hidden={args.hidden} layers={args.layers} vocab={args.vocab}, LoRA r={args.lora_r} on "
           f"q,v ({n_lora} trainable numbers); batch {args.batch} x {args.tokens} tokens; device={device} "
           f"dtype={args.dtype} threads={torch.get_num_threads()}")
-
-    def effort():
-        return per_sample_grad_norms(model, per_sample_causal_lm_loss, batch)
-
-    def loop():
-        return per_sample_grad_norms_loop(model, per_sample_causal_lm_loss, batch)
-
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    def fwd_bwd():
-        loss = per_sample_causal_lm_loss(model, batch).sum()
-        loss.backward()
-        for p in params:
-            p.grad = None
-
-    paths = {"effort": effort, "loop": loop, "fwd_bwd": fwd_bwd}
+    paths = effort_paths(model, batch)
+    effort, loop, fwd_bwd = paths["effort"], paths["loop"], paths["fwd_bwd"]
     if args.mem_child:
         # Fresh process per path: the first call's peak is the path's own footprint (RSS of an
         # earlier, larger call would otherwise hide it). The loop's footprint does not depend on B.
