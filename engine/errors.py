@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Iterable
 
 
@@ -41,6 +42,48 @@ class ConfigError(DealrecError, ValueError):
 
 class SolverError(DealrecError, RuntimeError):
     """An iterative solver diverged or produced NaN; the message says which knob to turn."""
+
+
+#: What an OS error on an output path means, for the user (errno -> reason).
+_OS_REASONS = {
+    errno.EROFS: "the file system is read-only",
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.ENOTDIR: "a part of the path is a regular file, not a folder",
+    errno.EISDIR: "it is a folder, not a file",
+    errno.EEXIST: "a part of the path is a regular file, not a folder",
+    errno.EBUSY: "it is busy (a mount point cannot be replaced)",
+    errno.ENAMETOOLONG: "the name is too long",
+    errno.EXDEV: "it is on another file system than its temporary copy",
+}
+
+
+def os_reason(exc: OSError) -> str:
+    """What an ``OSError`` means for the user, in words (its errno, else its own text)."""
+    return _OS_REASONS.get(exc.errno or -1, exc.strerror or str(exc))
+
+
+class OutputError(DealrecError):
+    """An output path cannot be written (read-only, not a folder, no space, ...): names the
+    option (``--out``), the path and the reason, and says how to fix it."""
+
+    def __init__(self, path: object, reason: str, *, option: str | None = None):
+        self.path, self.reason, self.option = path, reason, option
+        what = f"{option} {str(path)!r}" if option else repr(str(path))
+        super().__init__(f"cannot write {what}: {reason}; choose a writable location"
+                         + (f" for {option}" if option else ""))
+
+    @classmethod
+    def from_os(cls, exc: OSError, path: object = None, *, option: str | None = None) -> "OutputError":
+        """The OutputError for an ``OSError`` raised while writing ``path`` (default: the
+        file the OS error names)."""
+        reason = os_reason(exc)
+        target = exc.filename if exc.filename is not None else path
+        if path is not None and target is not None and str(target) != str(path):
+            reason += f" ({target})"
+        return cls(path if path is not None else target, reason, option=option)
 
 
 class ResumeError(DealrecError, RuntimeError):

@@ -125,8 +125,10 @@ class LLMConfig:
                   f"tiny_hidden ({self.tiny_hidden}) must be divisible by tiny_heads ({self.tiny_heads})")
         check(problems, isinstance(self.attn_implementation, str) and self.attn_implementation != "",
               f"attn_implementation must be a string such as 'eager' or 'sdpa', got {self.attn_implementation!r}")
-        if self.adapter is not None and isinstance(self.adapter, str) and not Path(self.adapter).exists():
-            problems.append(f"adapter folder {self.adapter!r} does not exist")
+        if self.adapter is not None and isinstance(self.adapter, str):
+            why = adapter_problem(self.adapter)
+            if why:
+                problems.append(why)
         if problems:
             raise ConfigError(problems, config="LLMConfig")
 
@@ -389,6 +391,42 @@ def resolve_base(cfg: LLMConfig, titles: Sequence[str] | None = None) -> str:
         raise ConfigError(["model 'tiny' needs the catalogue titles to train its tokenizer; pass titles=..."],
                           config="LLMConfig")
     return _cached_build(cache / f"tiny-{_tiny_key(cfg, titles)}", lambda tmp: build_tiny_base(cfg, titles, tmp))
+
+
+#: The weight files a peft adapter folder may hold (``save_pretrained``: safetensors; older: bin).
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def adapter_problem(adapter: str | os.PathLike) -> str | None:
+    """Why ``adapter`` is not a loadable peft adapter folder, or None. Reads adapter_config.json
+    and the safetensors header (not the weights), so a malformed folder is named up front
+    instead of failing inside peft, after Ray started, as a JSON or safetensors traceback."""
+    from engine.errors import DataError
+    from engine.rundir import read_json
+
+    p = Path(adapter)
+    if not p.is_dir():
+        return f"adapter folder {str(adapter)!r} does not exist" if not p.exists() else \
+            f"adapter {str(adapter)!r} is a file; pass the adapter folder (OUT/adapter of dealrec finetune)"
+    fix = "; pass a peft adapter folder (OUT/adapter of `dealrec finetune`) or fine-tune again"
+    try:
+        conf = read_json(p / "adapter_config.json", hint=fix)
+    except DataError as e:
+        return f"adapter: {e}"
+    if not isinstance(conf.get("peft_type"), str):
+        return f"adapter: no 'peft_type' in {str(p / 'adapter_config.json')!r}: not a peft adapter config{fix}"
+    weights = [p / w for w in ADAPTER_WEIGHTS if (p / w).is_file()]
+    if not weights:
+        return f"adapter: no weights ({' or '.join(ADAPTER_WEIGHTS)}) in {str(p)!r}{fix}"
+    if weights[0].suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(weights[0]), framework="pt") as f:
+                f.keys()
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError, or OSError
+            return f"adapter: weights {str(weights[0])!r} are unreadable ({type(e).__name__}: {e}){fix}"
+    return None
 
 
 def load_llm(cfg: LLMConfig | dict, *, titles: Sequence[str] | None = None, trainable: bool = True):

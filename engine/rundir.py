@@ -10,18 +10,27 @@ Rules (kronfluence-style):
   every changed stage) unless ``overwrite``; with ``overwrite`` its outputs are deleted
   and it runs again.
 The manifest is rewritten atomically after every change.
+
+Also the file-system helpers every job writes through, so that an OS error on an output
+path is one :class:`engine.errors.OutputError` naming the path, found before any work
+(:func:`check_writable`), and no temporary file outlives a failure
+(:func:`atomic_write_with`); and :func:`read_json`, which names the file of a corrupt JSON.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
+import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from engine.errors import ResumeError
+from engine.errors import DataError, OutputError, ResumeError, os_reason
 
 MANIFEST = "manifest.json"
 
@@ -38,10 +47,16 @@ class RunDir:
     def __init__(self, root: str | os.PathLike, stage_outputs: dict[str, list[str]]):
         self.root = Path(root)
         self.stage_outputs = stage_outputs
-        self.root.mkdir(parents=True, exist_ok=True)
         p = self.root / MANIFEST
-        self.manifest: dict[str, Any] = json.loads(p.read_text()) if p.exists() else {}
+        self.manifest: dict[str, Any] = read_json(
+            p, hint="; delete it (or the folder) to start this run afresh, or use another --out") if p.exists() else {}
+        if not isinstance(self.manifest.get("stages", {}), dict):
+            raise DataError("'stages' must be a JSON object; delete the file to start this run afresh",
+                            path=p, field="stages", value=self.manifest["stages"])
         self.manifest.setdefault("stages", {})
+        check_writable(self.root, option="--out")
+        with output_errors(self.root, option="--out"):
+            self.root.mkdir(parents=True, exist_ok=True)
 
     # ---- resume planning -------------------------------------------------------------
     def check(self, hashes: dict[str, str], *, overwrite: bool) -> list[str]:
@@ -93,10 +108,8 @@ class RunDir:
         self.save()
 
     def save(self) -> None:
-        p = self.root / MANIFEST
-        tmp = p.with_name(f".{MANIFEST}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(self.manifest, indent=2, sort_keys=True, default=str))
-        os.replace(tmp, p)
+        atomic_write_bytes(self.root / MANIFEST,
+                           json.dumps(self.manifest, indent=2, sort_keys=True, default=str).encode(), option="--out")
 
     def path(self, rel: str) -> Path:
         return self.root / rel
@@ -114,7 +127,136 @@ def _peak_rss_mib() -> float | None:
         return None
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+# ---- file-system helpers -------------------------------------------------------------
+#: OS errors that are about the place written, whichever file (input or output) raised them.
+OUTPUT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+
+
+def make_dirs(path: str | os.PathLike) -> Path | None:
+    """``mkdir -p path``; returns the topmost folder it created (None: it existed), so that a
+    failed job can remove what it made and leave the file system as it found it."""
+    p = Path(path)
+    top = None
+    while not p.exists() and p != p.parent:
+        top, p = p, p.parent
+    Path(path).mkdir(parents=True, exist_ok=True)
+    return top
+
+
+@contextmanager
+def output_errors(path: object, *, option: str | None = None) -> Iterator[None]:
+    """``with output_errors(path, option="--out"):`` turns an ``OSError`` raised inside the
+    block into an :class:`OutputError` naming ``path`` (wrap writes only: a read error is
+    not an output problem)."""
+    try:
+        yield
+    except OSError as e:
+        raise OutputError.from_os(e, path, option=option) from None
+
+
+def atomic_write_with(path: str | os.PathLike, write: Callable[[Path], object], *, option: str | None = None) -> None:
+    """Write ``path`` atomically: ``write(tmp)`` writes a temporary sibling, which then
+    replaces ``path``. The temporary file is removed on every failure.
+
+    Raises:
+        OutputError: an OS error while writing (read-only, no space, not a folder, ...).
+    """
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        with output_errors(path, option=option):
+            write(tmp)
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, option: str | None = None) -> None:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_write_with`)."""
+    atomic_write_with(path, lambda tmp: tmp.write_bytes(data), option=option)
+
+
+def _unwritable(path: str | os.PathLike, *, option: str | None, kind: str, replace: bool) -> OutputError | None:
+    p = Path(path)
+    if p.exists():
+        if kind == "dir" and not p.is_dir():
+            return OutputError(p, "it exists and is a regular file, not a folder", option=option)
+        if kind == "file" and p.is_dir():
+            return OutputError(p, "it exists and is a folder, not a file", option=option)
+        where = [p if kind == "dir" else p.parent]
+        if replace:
+            if os.path.ismount(p):
+                return OutputError(p, "it is a mount point, which cannot be replaced; write into a folder "
+                                      "inside it", option=option)
+            where.append(p.parent)
+    else:
+        a = p.parent
+        while not a.exists() and a != a.parent:
+            a = a.parent
+        if not a.is_dir():
+            return OutputError(p, f"{str(a)!r} is a regular file, not a folder", option=option)
+        where = [a]
+    for d in where:
+        try:  # a real write, not os.access: root passes access() on a read-only mount
+            fd, name = tempfile.mkstemp(prefix=".dealrec-probe-", dir=d)
+            try:
+                os.write(fd, b"\0" * 4096)
+            finally:
+                os.close(fd)
+                os.unlink(name)
+        except OSError as e:  # name the folder that refused the probe, not the probe file
+            return OutputError(p, os_reason(e) + ("" if Path(d) == p else f" ({d})"), option=option)
+    return None
+
+
+def writable_problem(path: str | os.PathLike, *, option: str | None = None, kind: str = "dir",
+                     replace: bool = False) -> str | None:
+    """Why ``path`` cannot be written, or None; creates nothing (a probe file is written in
+    the nearest existing folder and removed). For config validation that reports every
+    problem at once; :func:`check_writable` raises instead.
+
+    Args:
+        path: the output folder (``kind="dir"``) or file (``kind="file"``), existing or not.
+        option: the command-line option it came from, for the message.
+        replace: the existing ``path`` is replaced as a whole (renamed away): its parent
+            must be writable too and it must not be a mount point.
+    """
+    err = _unwritable(path, option=option, kind=kind, replace=replace)
+    return None if err is None else str(err)
+
+
+def check_writable(path: str | os.PathLike, *, option: str | None = None, kind: str = "dir",
+                   replace: bool = False) -> None:
+    """Raise :class:`OutputError` when ``path`` cannot be written (see :func:`writable_problem`).
+    Call it before any work, so that a bad output path costs nothing."""
+    err = _unwritable(path, option=option, kind=kind, replace=replace)
+    if err is not None:
+        raise err
+
+
+def read_json(path: str | os.PathLike, *, expect: type | None = dict, hint: str = "") -> Any:
+    """A JSON file, parsed.
+
+    Args:
+        expect: the type of the top-level value (None: any).
+        hint: appended to the message (how to fix it).
+
+    Raises:
+        DataError: missing, unreadable, not JSON, or not of type ``expect``; names the file.
+    """
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise DataError("file not found" + hint, path=p) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read the file ({e}){hint}", path=p) from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"not valid JSON ({e.msg} at line {e.lineno} column {e.colno}){hint}", path=p) from None
+    if expect is not None and not isinstance(obj, expect):
+        raise DataError(f"expected a JSON {'object' if expect is dict else expect.__name__}, "
+                        f"found {type(obj).__name__}{hint}", path=p)
+    return obj

@@ -1,6 +1,11 @@
 """The `dealrec` command line: dispatches subcommands to the job modules.
 
-Each job module exposes ``add_arguments(parser)`` and ``run(args) -> int``.
+Each job module exposes ``add_arguments(parser)`` and ``run(args) -> int``. Every way of
+starting a job (``dealrec <name>``, ``python jobs/<name>.py``, ``jobs.prune.main``) runs it
+through :func:`run_job`, the one place where user-facing errors are printed: a
+:class:`~engine.errors.DealrecError` (also one raised inside a Ray task and re-raised
+wrapped) and an ``OSError`` that escaped every job's own checks become one line on stderr
+and exit status 2, never a traceback.
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ import importlib
 import sys
 from pathlib import Path
 
-from engine.errors import DealrecError
+from engine.errors import DealrecError, os_reason
 
 SUBCOMMANDS = {
     "prepare": ("jobs.prepare", "convert raw data (DEALRec release, RecBole, Amazon JSON, synthetic) to canonical Parquet"),
@@ -49,10 +54,39 @@ def main(argv: list[str] | None = None) -> int:
     name = argv[0]
     parser, mod = _job_parser(name)
     args = parser.parse_args(argv[1:])
+    return run_job(f"dealrec {name}", mod.run, args)
+
+
+def user_error(exc: BaseException) -> DealrecError | None:
+    """The :class:`DealrecError` to show the user for ``exc``, or None (a bug: let it raise).
+
+    A DealrecError itself; one that Ray re-raised wrapped (``RayTaskError`` and Ray Train's
+    errors keep it as ``cause`` / ``__cause__``); an ``OSError`` naming a file (read-only,
+    no space, not a folder, permission denied), as a DealrecError naming that file: the
+    jobs check their paths before any work, so this is the safety net, not the rule.
+    """
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, DealrecError):
+            return e
+        cause = getattr(e, "cause", None)
+        e = cause if isinstance(cause, BaseException) else e.__cause__
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return DealrecError(f"cannot use {str(exc.filename)!r}: {os_reason(exc)}")
+    return None
+
+
+def run_job(prog: str, run, args: argparse.Namespace) -> int:
+    """``run(args)``, with every user-facing error printed as ``PROG: error: MESSAGE`` (exit 2)."""
     try:
-        return int(mod.run(args) or 0)
-    except DealrecError as e:
-        print(f"dealrec {name}: error: {e}", file=sys.stderr)
+        return int(run(args) or 0)
+    except Exception as e:  # noqa: BLE001 - sorted by user_error; anything else re-raises
+        err = user_error(e)
+        if err is None:
+            raise
+        print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
 
 
@@ -62,11 +96,7 @@ def run_script(add_arguments, run, doc: str | None, argv: list[str] | None = Non
     parser = argparse.ArgumentParser(prog=prog, description=(doc or "").strip().splitlines()[0] if doc else None)
     add_arguments(parser)
     args = parser.parse_args(argv)
-    try:
-        return int(run(args) or 0)
-    except DealrecError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
+    return run_job(prog, run, args)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 
 from engine.data.prepare import FORMATS, PRESETS, PrepareConfig, prepare
 
@@ -38,9 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help=_HELP["out"])
     parser.add_argument("--overwrite", action="store_true", help=_HELP["overwrite"])
     parser.add_argument("--meta", default=None, help=_HELP["meta"])
-    parser.add_argument("--min-rating", type=float, default=4.0, help=_HELP["min_rating"])
-    parser.add_argument("--split", default="global", choices=("global", "user"), help=_HELP["split"])
-    parser.add_argument("--split-ratio", type=float, nargs=3, default=(0.8, 0.1, 0.1),
+    # None = not given: a format that ignores an option refuses it instead of recording it
+    parser.add_argument("--min-rating", type=float, default=None, help=_HELP["min_rating"])
+    parser.add_argument("--split", default=None, choices=("global", "user"), help=_HELP["split"])
+    parser.add_argument("--split-ratio", type=float, nargs=3, default=None,
                         metavar=("TRAIN", "VALID", "TEST"), help=_HELP["split_ratio"])
     parser.add_argument("--rows-per-file", type=int, default=0, help=_HELP["rows_per_file"])
     parser.add_argument("--preset", default=None, choices=tuple(PRESETS), help=_HELP["preset"])
@@ -54,7 +56,7 @@ def config_from_args(args: argparse.Namespace) -> PrepareConfig:
     """Build (and validate) the config from parsed arguments. Raises ConfigError listing every problem."""
     return PrepareConfig(
         format=args.format, input=args.input, out=args.out, overwrite=args.overwrite, meta=args.meta,
-        min_rating=args.min_rating, split=args.split, split_ratio=tuple(args.split_ratio),
+        min_rating=args.min_rating, split=args.split, split_ratio=tuple(args.split_ratio) if args.split_ratio else None,
         rows_per_file=args.rows_per_file, preset=args.preset, users=args.users, items=args.items,
         interactions_per_user=args.interactions_per_user, seed=args.seed,
     )
@@ -82,8 +84,19 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def empty_split_warnings(summary: dict) -> list[str]:
+    """A warning per split with no user (a dataset whose valid or test period holds nobody)."""
+    c = summary["counts"]
+    why = {"valid": "prune's surrogate trains without early stopping and finetune/tune have nothing to validate on",
+           "test": "`dealrec evaluate --split test` has no user to evaluate"}
+    return [f"WARNING: the {s} split of {summary['out']} has no user: {why[s]}" for s in ("valid", "test")
+            if not c.get(s)]
+
+
 def run(args: argparse.Namespace) -> int:
     """Validate the whole config, import, print the summary. Returns 0 (errors raise DealrecError -> exit 2)."""
     summary = prepare(config_from_args(args))
     print(format_summary(summary))
+    for w in empty_split_warnings(summary):
+        print(w, file=sys.stderr)
     return 0

@@ -29,8 +29,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +46,7 @@ import pyarrow.parquet as pq
 from engine.config import collect_problems, raise_if, stable_hash, to_dict, versions
 from engine.data.schema import (
     SAMPLES_SCHEMA,
+    check_samples,
     read_items,
     read_meta,
     read_parquet_checked,
@@ -54,7 +57,7 @@ from engine.data.schema import (
 from engine.errors import ConfigError, DataError, check
 from engine.llm import LLMConfig
 from engine.prompts import get_prompt_config, make_record, PROMPTS
-from engine.rundir import RunDir, atomic_write_bytes
+from engine.rundir import RunDir, atomic_write_bytes, atomic_write_with, writable_problem
 from engine.selection import METHODS, SelectionConfig, select
 from engine.surrogate import SurrogateConfig
 from engine.influence import InfluenceConfig
@@ -260,6 +263,9 @@ def config_from_args(args: argparse.Namespace) -> PruneJobConfig:
             "`dealrec prepare --format recbole --input ../shared/data/movielens-100k --out DIR`, or "
             "`dealrec prepare --format synthetic --out DIR` (embedded demo set)"
         )
+    why = writable_problem(args.out, option="--out")  # before any work, with every other problem
+    if why:
+        problems.append(why)
     if args.influence_compile and args.influence_method != "jvp":
         problems.append(f"influence_compile: compiles the jvp pass; --influence-method is {args.influence_method!r}")
     if args.influence_compile and args.surrogate_loss != "sampled":
@@ -355,22 +361,30 @@ def run_prune(cfg: PruneJobConfig, *, log=print) -> dict:
 
     t_job = time.perf_counter()
     data, out = Path(cfg.data), Path(cfg.out)
+    # Every input is read and checked here, before the run folder is made and before Ray starts:
+    # a corrupt file or a duplicate sample id fails in seconds, named, with nothing written.
     files = sample_files(data)
     meta = read_meta(data)
-    n_samples = int(sum(pq.read_metadata(f).num_rows for f in files))
+    items = read_items(data)
+    n_items = items.num_rows
+    n_samples = check_samples(data, n_items=n_items)
     cfg.selection.validate(n_samples)  # budget vs data, before any work
+    method = cfg.method
+    need_sur = method in NEEDS_SURROGATE
+    need_eff = method in NEEDS_EFFORT
+    valid = None
+    if need_sur and cfg.surrogate.distributed != "ray_train":
+        # streamed: a seeded subset of validation users (the samples stream one file at a time)
+        from jobs.surrogate_train import early_stopping_split
+
+        valid = early_stopping_split(data, cfg.surrogate, n_items)
     run = RunDir(out, STAGE_OUTPUTS)
     hashes = stage_hashes(cfg, _data_fingerprint(data))
     done = run.check(hashes, overwrite=cfg.overwrite)
     run.set(job="prune", config=to_dict(cfg), versions=versions(), data_meta=meta.get("counts", {}))
     if done:
         log(f"[prune] resuming {out}: stages already done: {done}")
-    method = cfg.method
-    need_sur = method in NEEDS_SURROGATE
-    need_eff = method in NEEDS_EFFORT
     ray = _init_ray()
-    items = read_items(data)
-    n_items = items.num_rows
 
     # 1. surrogate, on the driver ------------------------------------------------------
     if need_sur and not run.done("surrogate"):
@@ -383,10 +397,8 @@ def run_prune(cfg: PruneJobConfig, *, log=print) -> dict:
             model, history = train_surrogate_ray(str(data), n_items, cfg.surrogate, out_dir=run.path("surrogate"),
                                                  log=log)
         else:
-            # streamed: one samples file in memory at a time, a seeded subset of validation users
-            valid = read_split(data, "valid", max_rows=cfg.surrogate.valid_users, seed=cfg.surrogate.seed)
             log(f"[surrogate] training {cfg.surrogate.model} on {n_samples} samples in {len(files)} files, "
-                f"{n_items} items, {valid.num_rows} validation users")
+                f"{n_items} items, {0 if valid is None else valid.num_rows} validation users")
             model, history = sur.train_surrogate(sample_loaders(data), n_items, cfg.surrogate, valid=valid, log=log)
         sur.save_surrogate(model, cfg.surrogate, run.path("surrogate"))
         run.finish("surrogate", time.perf_counter() - t0, history=history)
@@ -394,7 +406,8 @@ def run_prune(cfg: PruneJobConfig, *, log=print) -> dict:
     # 2. v = (H + dI)^-1 g_bar, once, on the driver --------------------------------------
     if need_sur and not run.done("ihvp"):
         t0 = time.perf_counter()
-        model = sur.load_surrogate(run.path("surrogate"))
+        with resume_artifact(run.path("surrogate")):
+            model = sur.load_surrogate(run.path("surrogate"))
         # streamed one sample file at a time: the driver never holds every sample here
         report = inf.compute_ihvp_streaming(
             model, lambda: (read_parquet_checked(f, SAMPLES_SCHEMA) for f in files), cfg.influence, log=log)
@@ -407,8 +420,10 @@ def run_prune(cfg: PruneJobConfig, *, log=print) -> dict:
         from actors.influence import SurrogateScorer
 
         t0 = time.perf_counter()
-        state_ref = ray.put(sur.surrogate_payload(run.path("surrogate")))
-        v_ref = ray.put(np.load(run.path("ihvp") / "v.npy"))
+        with resume_artifact(run.path("surrogate")):
+            state_ref = ray.put(sur.surrogate_payload(run.path("surrogate")))
+        with resume_artifact(run.path("ihvp")):
+            v_ref = ray.put(np.load(run.path("ihvp") / "v.npy", allow_pickle=False))
         n = n_samples
         pool = plan_stage_pool(ray, cfg, "influence", len(files))
         log(f"[influence] pool: {pool.describe()}")
@@ -462,6 +477,17 @@ def run_prune(cfg: PruneJobConfig, *, log=print) -> dict:
                           if run.manifest["stages"].get(s, {}).get("done")})
     log(f"[prune] done in {time.perf_counter() - t_job:.1f}s: {out}/selected.parquet, report {out}/report/index.html")
     return run.manifest
+
+
+@contextmanager
+def resume_artifact(path: Path):
+    """A stage output of an earlier invocation that cannot be read (a half-written or damaged
+    file) becomes a DataError naming it and saying how to recompute it, not a traceback."""
+    try:
+        yield
+    except (OSError, ValueError, EOFError, KeyError, RuntimeError, pickle.UnpicklingError) as e:
+        raise DataError(f"cannot read the output of an earlier run ({type(e).__name__}: {e}); delete it to "
+                        "recompute that stage (or rerun into a fresh --out)", path=path) from None
 
 
 def score_shards_stage(ray, files, out_dir, scorer, *, constructor_args, constructor_kwargs, output_columns,
@@ -521,10 +547,9 @@ def select_and_write(cfg: PruneJobConfig, run: RunDir, files, items: pa.Table, *
     table.update({k: v for k, v in scores.items()})
     table["score"] = res.score if res.score is not None else np.full(n, np.nan)
     table["group"] = res.groups.astype(np.int32)
-    pq.write_table(pa.table(table), _tmp(run.path("scores.parquet")))
-    os.replace(_tmp(run.path("scores.parquet")), run.path("scores.parquet"))
-    pq.write_table(pa.table({"sample_id": res.indices.astype(np.int64)}), _tmp(run.path("selected.parquet")))
-    os.replace(_tmp(run.path("selected.parquet")), run.path("selected.parquet"))
+    scores_t, selected_t = pa.table(table), pa.table({"sample_id": res.indices.astype(np.int64)})
+    atomic_write_with(run.path("scores.parquet"), lambda tmp: pq.write_table(scores_t, tmp), option="--out")
+    atomic_write_with(run.path("selected.parquet"), lambda tmp: pq.write_table(selected_t, tmp), option="--out")
     # BIGRec few-shot records of the selected samples.
     titles = items.column("title").to_pylist()
     prompt = get_prompt_config(cfg.prompt)
@@ -549,10 +574,6 @@ def select_and_write(cfg: PruneJobConfig, run: RunDir, files, items: pa.Table, *
              "strata": res.stats.to_dict() if res.stats is not None else None}
     log(f"[select] {cfg.method}: {len(res.indices)} of {n} samples selected")
     return stats
-
-
-def _tmp(p: Path) -> Path:
-    return p.with_name(f".{p.name}.tmp-{os.getpid()}")
 
 
 def write_run_report(cfg: PruneJobConfig, run: RunDir, items: pa.Table) -> Path:
@@ -580,16 +601,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None, *, defaults: dict | None = None, description: str | None = None) -> int:
-    from engine.errors import DealrecError
+    from jobs.cli import run_job
 
     p = argparse.ArgumentParser(description=description or __doc__.splitlines()[0])
     add_arguments(p, defaults=defaults)
     args = p.parse_args(argv)
-    try:
-        return run(args)
-    except DealrecError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_job(Path(sys.argv[0]).name, run, args)
 
 
 if __name__ == "__main__":

@@ -82,6 +82,28 @@ def param_checksum(model) -> str:
 
 
 # ---------------------------------------------------------------- the per-worker loop
+def early_stopping_split(data: str | os.PathLike, sur_cfg: SurrogateConfig, n_items: int | None = None):
+    """The validation users the surrogate early-stops on (a seeded subset of ``valid_users``),
+    item ids checked against ``n_items``; None, with a loud warning on stderr, when no user has
+    a validation item: a Recall of 0.0 on nobody would stop training after ``patience`` epochs
+    for no reason (the surrogate then trains every epoch and keeps the last)."""
+    from engine.data.schema import check_item_ids
+
+    valid = read_split(data, "valid", max_rows=sur_cfg.valid_users, seed=sur_cfg.seed)
+    path = Path(data) / "valid.parquet"
+    targets = valid.column("targets").combine_chunks().flatten()
+    if n_items is not None:
+        check_item_ids(valid.column("history").combine_chunks().flatten().to_numpy(), n_items, path=path,
+                       field="history")
+        check_item_ids(targets.to_numpy(), n_items, path=path, field="targets")
+    if len(targets):
+        return valid
+    print(f"[surrogate] WARNING: {path} has no user with a validation item: no early stopping, the surrogate "
+          f"trains all {sur_cfg.epochs} epochs (prepare the data with a valid share > 0 to early-stop)",
+          file=sys.stderr, flush=True)
+    return None
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train worker: read the data, run :func:`engine.surrogate.train_surrogate` as one DDP rank."""
     import ray.train
@@ -94,8 +116,7 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     # every rank streams every samples file (one in memory at a time) and trains on its stride
     samples = sample_loaders(config["data"])
-    valid = (read_split(config["data"], "valid", max_rows=cfg.valid_users, seed=cfg.seed)
-             if rank == 0 else None)  # validation runs on rank 0
+    valid = early_stopping_split(config["data"], cfg) if rank == 0 else None  # validation runs on rank 0
 
     def wrap(module):
         return ray.train.torch.prepare_model(module)  # DDP when world > 1; moves to this rank's device

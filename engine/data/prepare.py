@@ -95,11 +95,15 @@ from engine.data.schema import DEFAULT_ROWS_PER_FILE, PreparedWriter, atomic_dir
 from engine.data.segments import write_user_segments
 from engine.data.synthetic import generate_synthetic
 from engine.errors import ConfigError, DataError, check
+from engine.rundir import writable_problem
 
 __all__ = ["FORMATS", "PRESETS", "PrepareConfig", "prepare", "placeholder_title"]
 
 FORMATS = ("dealrec-release", "recbole", "amazon", "synthetic")
 SPLIT_MODES = ("global", "user")
+#: The formats read from rated, timestamped interactions: they take --min-rating and --split.
+RATED_FORMATS = ("recbole", "amazon")
+DEFAULT_SPLIT_RATIO = (0.8, 0.1, 0.1)
 #: Synthetic size presets: users, items, mean interactions per user.
 PRESETS: dict[str, dict[str, float]] = {
     # Small enough that the whole demo pipeline with a tiny LLM runs in minutes on 2 cores.
@@ -129,19 +133,20 @@ class PrepareConfig:
         default=None, metadata={"help": "amazon: metadata JSON lines file (asin, title, categories)"}
     )
     overwrite: bool = field(default=False, metadata={"help": "replace an existing non-empty output folder"})
-    min_rating: float = field(
-        default=4.0,
-        metadata={"help": "recbole/amazon: drop interactions rated below this (paper: 4); 0 keeps all. "
-                          "Ignored where the input has no ratings"},
+    min_rating: float | None = field(
+        default=None,
+        metadata={"help": "recbole/amazon: drop interactions rated below this (default and paper: 4); 0 keeps "
+                          "all. Ignored where the input has no ratings"},
     )
-    split: str = field(
-        default="global",
-        metadata={"help": "recbole/amazon: 'global' = 8:1:1 by global timestamp (paper); "
+    split: str | None = field(
+        default=None,
+        metadata={"help": "recbole/amazon: 'global' (default) = 8:1:1 by global timestamp (paper); "
                           "'user' = 8:1:1 of each user's own sequence (RecBole grouped split)"},
     )
-    split_ratio: tuple[float, float, float] = field(
-        default=(0.8, 0.1, 0.1),
-        metadata={"help": "recbole/amazon/synthetic: train/valid/test fractions, summing to 1"},
+    split_ratio: tuple[float, float, float] | None = field(
+        default=None,
+        metadata={"help": "recbole/amazon/synthetic: train/valid/test fractions, summing to 1, each > 0 "
+                          f"(default {DEFAULT_SPLIT_RATIO}); the dealrec-release layout has its own split"},
     )
     rows_per_file: int = field(
         default=0, metadata={"help": "samples per Parquet part file; 0 = about 1/8 of the samples, 256..8192"}
@@ -157,8 +162,16 @@ class PrepareConfig:
     seed: int = field(default=0, metadata={"help": "synthetic: random seed; the same seed gives identical files"})
 
     def __post_init__(self) -> None:
-        self.split_ratio = tuple(float(r) for r in self.split_ratio)  # type: ignore[assignment]
+        if self.split_ratio is not None:
+            self.split_ratio = tuple(float(r) for r in self.split_ratio)  # type: ignore[assignment]
         self.validate()
+        # The defaults of the options this format uses; None stays None where a format ignores one
+        # (an option given to a format that ignores it was refused above, not silently recorded).
+        if self.format != "dealrec-release" and self.split_ratio is None:
+            self.split_ratio = DEFAULT_SPLIT_RATIO
+        if self.format in RATED_FORMATS:
+            self.split = self.split or "global"
+            self.min_rating = 4.0 if self.min_rating is None else self.min_rating
 
     def validate(self) -> None:
         """Check every field; raise one ConfigError listing all problems."""
@@ -182,18 +195,32 @@ class PrepareConfig:
             p.append("out is required: pass --out DIR")
         else:
             out = Path(self.out)
-            if out.exists() and not out.is_dir():
-                p.append(f"out={self.out!r} exists and is a file; choose a folder")
-            elif out.is_dir() and any(out.iterdir()) and not self.overwrite:
+            if out.is_dir() and any(out.iterdir()) and not self.overwrite:
                 p.append(f"out={self.out!r} exists and is not empty; pass --overwrite to replace it")
+            else:  # read-only, inside a regular file, a mount point to replace: found before any work
+                why = writable_problem(out, option="--out", replace=out.exists())
+                if why:
+                    p.append(why)
             if self.input and Path(self.input).exists() and out.resolve() == Path(self.input).resolve():
                 p.append(f"out={self.out!r} is the input folder; choose another folder")
-        check(p, math.isfinite(self.min_rating) and self.min_rating >= 0,
+        if self.format in FORMATS and self.format not in RATED_FORMATS:
+            for name, flag in (("min_rating", "--min-rating"), ("split", "--split")):
+                check(p, getattr(self, name) is None,
+                      f"{name}={getattr(self, name)!r}: {flag} only applies to --format recbole or amazon; drop it")
+        check(p, self.format != "dealrec-release" or self.split_ratio is None,
+              f"split_ratio={self.split_ratio!r}: the dealrec-release layout comes split (sequential_valid.txt, "
+              "sequential_test.txt) and is taken as given; drop --split-ratio")
+        check(p, self.min_rating is None or (math.isfinite(self.min_rating) and self.min_rating >= 0),
               f"min_rating={self.min_rating!r}: must be a number >= 0 (0 keeps every rating)")
-        check(p, self.split in SPLIT_MODES, f"split={self.split!r}: expected one of {SPLIT_MODES}")
+        check(p, self.split is None or self.split in SPLIT_MODES,
+              f"split={self.split!r}: expected one of {SPLIT_MODES}")
         r = self.split_ratio
-        check(p, len(r) == 3 and all(x >= 0 for x in r) and r[0] > 0 and abs(sum(r) - 1) < 1e-6,
-              f"split_ratio={r!r}: expected three fractions >= 0 summing to 1, train > 0")
+        # An empty valid or test split would be prepared without a word and fail (or, worse, mislead)
+        # later: the surrogate early-stops and finetune/tune validate on 'valid', evaluate reads 'test'.
+        check(p, r is None or (len(r) == 3 and all(math.isfinite(x) and x > 0 for x in r) and abs(sum(r) - 1) < 1e-6),
+              f"split_ratio={r!r}: expected three fractions > 0 summing to 1 (train, valid, test; e.g. "
+              "0.8 0.1 0.1): prune's surrogate early-stops and finetune/tune validate on the valid split, "
+              "evaluate reads the test split, so neither may be empty")
         check(p, self.rows_per_file >= 0, f"rows_per_file={self.rows_per_file!r}: must be >= 0 (0 = auto)")
         check(p, self.preset is None or self.preset in PRESETS,
               f"preset={self.preset!r}: expected one of {tuple(PRESETS)}")
@@ -221,7 +248,7 @@ class PrepareConfig:
         d = dataclasses.asdict(self)
         d.pop("out")
         d.pop("overwrite")
-        d["split_ratio"] = list(self.split_ratio)
+        d["split_ratio"] = None if self.split_ratio is None else list(self.split_ratio)
         return d
 
 

@@ -28,7 +28,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from engine.errors import DataError
+from engine.errors import DataError, OutputError
+from engine.rundir import OUTPUT_ERRNOS, check_writable, make_dirs, output_errors, read_json
 
 SAMPLES_SCHEMA = pa.schema(
     [
@@ -87,20 +88,66 @@ def _check_schema(table: pa.Table, schema: pa.Schema, path: object) -> pa.Table:
     return pa.Table.from_arrays(cols, schema=schema)
 
 
+#: What reading a corrupt Parquet file raises (a truncated file: ArrowInvalid, a ValueError; a
+#: corrupt page or footer: OSError or another ArrowException), turned into one DataError naming the file.
+PARQUET_ERRORS = (pa.ArrowException, OSError)
+
+
+def read_parquet(path: str | os.PathLike, *, columns: list[str] | None = None) -> pa.Table:
+    """Read one Parquet file (or a folder of them), any schema.
+
+    Raises:
+        DataError: the file is missing or not readable Parquet (truncated, corrupt); names the file.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError("file not found", path=path)
+    try:
+        return pq.read_table(path, columns=columns)
+    except PARQUET_ERRORS as e:
+        raise DataError(f"not a readable Parquet file ({e})", path=path) from None
+
+
+def parquet_rows(path: str | os.PathLike) -> int:
+    """Row count of one Parquet file from its footer (no data read).
+
+    Raises:
+        DataError: the file is missing or its footer is unreadable (e.g. a truncated file).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError("file not found", path=path)
+    try:
+        return int(pq.read_metadata(path).num_rows)
+    except PARQUET_ERRORS as e:
+        raise DataError(f"not a readable Parquet file ({e})", path=path) from None
+
+
 def read_parquet_checked(path: str | os.PathLike, schema: pa.Schema) -> pa.Table:
     """Read one Parquet file (or a folder of them) and check it against ``schema``.
 
     Raises:
         DataError: the file is missing, not Parquet, or lacks a column / has a wrong type.
     """
-    path = Path(path)
-    if not path.exists():
-        raise DataError("file not found", path=path)
-    try:
-        table = pq.read_table(path)
-    except (pa.ArrowInvalid, OSError) as e:
-        raise DataError(f"not a readable Parquet file ({e})", path=path) from None
-    return _check_schema(table, schema, path)
+    return _check_schema(read_parquet(path), schema, Path(path))
+
+
+def read_id_column(path: str | os.PathLike, field: str = "sample_id") -> np.ndarray:
+    """The integer id column ``field`` of a Parquet file (a selected.parquet, a scores.parquet), as int64.
+
+    Raises:
+        DataError: unreadable file, missing column, a non-integer type or a null; names the file and field.
+    """
+    t = read_parquet(path)
+    if field not in t.column_names:
+        raise DataError(f"missing column; found {t.column_names}", path=path, field=field)
+    col = t.column(field)
+    if not pa.types.is_integer(col.type):
+        raise DataError(f"column has type {col.type}, expected integers", path=path, field=field)
+    if col.null_count:
+        idx = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
+        raise DataError(f"null value at row {idx}", path=path, field=field)
+    return np.asarray(col.to_numpy(), dtype=np.int64)
 
 
 def sample_files(data_dir: str | os.PathLike) -> list[Path]:
@@ -127,7 +174,48 @@ def sample_loaders(data_dir: str | os.PathLike) -> list:
 
 def count_samples(data_dir: str | os.PathLike) -> int:
     """Number of samples of a prepared folder, from the Parquet footers (no data read)."""
-    return int(sum(pq.read_metadata(f).num_rows for f in sample_files(data_dir)))
+    return int(sum(parquet_rows(f) for f in sample_files(data_dir)))
+
+
+def check_samples(data_dir: str | os.PathLike, *, n_items: int | None = None) -> int:
+    """Read every samples file once, one at a time (schemas, nulls, every page), and check that
+    the sample ids are exactly 0..n-1 across files (and, given ``n_items``, that every history
+    and target item is in the catalogue); return n. The check a job runs where it reads the
+    data, before any cluster work: a bad file fails here in seconds, named, instead of inside
+    an actor pool.
+
+    Raises:
+        DataError: an unreadable file, a bad column, an item id outside the catalogue, or a
+            duplicate / missing / out-of-range sample id (with the file(s) holding it).
+    """
+    files = sample_files(data_dir)
+    ids, owner = [], []
+    for i, f in enumerate(files):
+        t = read_parquet_checked(f, SAMPLES_SCHEMA)
+        if n_items is not None:
+            check_item_ids(t.column("target").to_numpy(), n_items, path=f, field="target")
+            check_item_ids(t.column("history").combine_chunks().flatten().to_numpy(), n_items, path=f,
+                           field="history")
+        col = t.column("sample_id").to_numpy()
+        ids.append(col)
+        owner.append(np.full(col.size, i, dtype=np.int32))
+    ids_all, owner_all = np.concatenate(ids), np.concatenate(owner)
+    order = np.argsort(ids_all, kind="stable")
+    s = ids_all[order]
+    dup = np.flatnonzero(s[1:] == s[:-1])
+    if dup.size:
+        v = int(s[dup[0]])
+        where = sorted({files[int(owner_all[j])].name for j in order[s == v]})
+        raise DataError(f"duplicate sample_id (in {', '.join(where)}); sample ids must be unique, 0..n-1",
+                        path=Path(data_dir) / SAMPLES_DIR, field="sample_id", value=v)
+    n = int(s.size)
+    if n and (s[0] != 0 or s[-1] != n - 1):  # unique ids: dense iff the first is 0 and the last n-1
+        j = int(order[0] if s[0] < 0 else order[-1])
+        bad = int(ids_all[j])
+        raise DataError(f"sample_id outside 0..{n - 1} (in {files[int(owner_all[j])].name}); "
+                        "sample ids must be dense 0..n-1", path=Path(data_dir) / SAMPLES_DIR, field="sample_id",
+                        value=bad)
+    return n
 
 
 def read_sample_rows(data_dir: str | os.PathLike, sample_ids: np.ndarray) -> pa.Table:
@@ -218,17 +306,22 @@ def read_split(data_dir: str | os.PathLike, split: str, *, max_rows: int | None 
             if hi > lo:
                 parts.append(pa.Table.from_batches([rb]).take(pa.array(rows[lo:hi] - start)))
             start += rb.num_rows
-    except (pa.ArrowInvalid, OSError) as e:
+    except PARQUET_ERRORS as e:
         raise DataError(f"not a readable Parquet file ({e})", path=path) from None
     table = pa.concat_tables(parts) if parts else f.schema_arrow.empty_table()
     return _check_schema(table, SPLIT_SCHEMA, path)
 
 
 def read_meta(data_dir: str | os.PathLike) -> dict:
+    """The meta.json of a prepared folder (a JSON object).
+
+    Raises:
+        DataError: missing, not JSON or not an object; names the file.
+    """
     p = Path(data_dir) / META_FILE
     if not p.exists():
         raise DataError("meta.json missing: not a prepared dealrec folder", path=p)
-    return json.loads(p.read_text())
+    return read_json(p, hint="; prepare the folder again (`dealrec prepare ... --overwrite`)")
 
 
 def check_item_ids(ids: np.ndarray, n_items: int, *, path: object, field: str) -> None:
@@ -269,26 +362,51 @@ def validate_prepared(data_dir: str | os.PathLike) -> dict:
 
 
 @contextmanager
-def atomic_dir(out: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling folder; rename it to ``out`` only when the block succeeds.
+def atomic_dir(out: str | os.PathLike, *, overwrite: bool = False, option: str | None = "--out") -> Iterator[Path]:
+    """Yield a temporary sibling folder; it becomes ``out`` only when the block succeeds.
 
-    Nothing is left at ``out`` (nor a temporary folder) when the block raises.
+    ``out`` is checked writable (and replaceable) before the block runs. Whatever fails (the
+    block, the disk, the final swap), no temporary folder is left, nor a parent folder this
+    call created, and an existing ``out`` is kept: it is renamed away, the new folder renamed
+    in, and only then the old one deleted.
+
+    Raises:
+        DataError: ``out`` is a non-empty folder and ``overwrite`` is false.
+        OutputError: ``out`` cannot be written or replaced (read-only, not a folder, a mount
+            point, no space); names ``out`` and ``option``.
     """
     out = Path(out)
-    if out.exists() and not overwrite:
-        if any(out.iterdir()):
-            raise DataError("output folder exists and is not empty; pass --overwrite to replace it", path=out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    if out.is_dir() and not overwrite and any(out.iterdir()):
+        raise DataError("output folder exists and is not empty; pass --overwrite to replace it", path=out)
+    check_writable(out, option=option, replace=out.exists())
+    tag = uuid.uuid4().hex[:8]
+    tmp, old = out.parent / f".{out.name}.tmp-{tag}", out.parent / f".{out.name}.old-{tag}"
+    made = None
     try:
-        yield tmp
-    except BaseException:
+        with output_errors(out, option=option):
+            made = make_dirs(out.parent)
+            tmp.mkdir()
+        try:
+            yield tmp
+        except OSError as e:  # a full or read-only disk under the block's writes is an output error
+            if e.errno in OUTPUT_ERRNOS or (e.filename and str(e.filename).startswith(str(tmp))):
+                raise OutputError.from_os(e, out, option=option) from None
+            raise
+        with output_errors(out, option=option):
+            if out.exists():
+                os.replace(out, old)
+            try:
+                os.replace(tmp, out)
+            except OSError:
+                if old.exists():
+                    os.replace(old, out)
+                raise
+        made = None
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
 
 
 class PreparedWriter:
