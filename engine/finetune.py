@@ -153,13 +153,18 @@ class FinetuneConfig:
             raise ConfigError(p, config="FinetuneConfig")
 
     def path_problems(self) -> list[str]:
-        """Problems with the input paths, as seen from this machine (the driver checks them;
-        workers on other nodes do not need them)."""
+        """Problems with the input and output paths, as seen from this machine (the driver checks
+        them; workers on other nodes do not need them)."""
         p: list[str] = []
         if self.selected is not None and not Path(self.selected).exists():
             p.append(f"selected file {self.selected!r} does not exist; pass RUN/selected.parquet of a prune run")
         if not Path(self.data).is_dir():
             p.append(f"data folder {self.data!r} does not exist; run `dealrec prepare` first")
+        from engine.rundir import writable_problem  # read-only, inside a file: found before any work
+
+        why = writable_problem(self.out, option="--out")
+        if why:
+            p.append(why)
         return p
 
     @property

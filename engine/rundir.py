@@ -255,7 +255,7 @@ def read_json(path: str | os.PathLike, *, expect: type | None = dict, hint: str 
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
-        raise DataError(f"not valid JSON ({e.msg} at line {e.lineno} column {e.colno}){hint}", path=p) from None
+        raise DataError(f"not valid JSON ({e.msg}: line {e.lineno} column {e.colno}){hint}", path=p) from None
     if expect is not None and not isinstance(obj, expect):
         raise DataError(f"expected a JSON {'object' if expect is dict else expect.__name__}, "
                         f"found {type(obj).__name__}{hint}", path=p)

@@ -32,7 +32,6 @@ if __name__ == "__main__":  # make `engine` / `jobs` importable when run as a sc
 
 import argparse
 import json
-import os
 import time
 
 import numpy as np
@@ -44,9 +43,10 @@ from engine.data.schema import read_items, read_split
 from engine.errors import ConfigError, DataError, ResumeError
 from engine.evaluate import EvalConfig, cached_title_embeddings, eval_requests, score_generations
 from engine.grounding import index_titles
-from engine.llm import LLMConfig, resolve_base
+from engine.llm import LLMConfig, adapter_problem, resolve_base
 from engine.metrics import DEFAULT_KS, format_table
 from engine.prompts import PROMPTS
+from engine.rundir import atomic_write_bytes, atomic_write_with, output_errors, read_json, writable_problem
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -92,6 +92,14 @@ def config_from_args(args) -> tuple[EvalConfig, dict]:
     ])
     if args.workers < 1:
         problems.append(f"workers={args.workers} must be >= 1")
+    if "evaluate" in built:  # the metrics file (and generations beside it) is checked before evaluating
+        why = writable_problem(metrics_path(built["evaluate"], args.out), option="--out", kind="file")
+        if why:
+            problems.append(why)
+    if args.adapter:  # a malformed adapter folder is named here, not by peft after the models loaded
+        why = adapter_problem(args.adapter)
+        if why:
+            problems.append(why)
     raise_if(problems, config="evaluate")
     llm = {"model": args.model or _adapter_base(args.adapter) or "tiny", "adapter": built["evaluate"].adapter,
            "cache_dir": str(Path(args.cache_dir).resolve()), "seed": args.llm_seed}
@@ -106,7 +114,16 @@ def _adapter_base(adapter: str | None) -> str | None:
     p = Path(adapter) / "adapter_config.json"
     if not p.exists():
         return None
-    return json.loads(p.read_text()).get("base_model_name_or_path") or None
+    return read_json(p).get("base_model_name_or_path") or None
+
+
+def metrics_path(cfg: EvalConfig, out: str | None) -> Path:
+    """Where the metrics JSON goes: ``out``, else ``ADAPTER/../metrics-<split>.json`` (or
+    ``DATA/metrics-<split>.json`` without an adapter); the generations go beside it."""
+    if out is not None:
+        return Path(out)
+    root = Path(cfg.adapter).parent if cfg.adapter else Path(cfg.data)
+    return root / f"metrics-{cfg.split}.json"
 
 
 def _use_gpu(ray, choice: str) -> bool:
@@ -218,24 +235,21 @@ def evaluate(cfg: EvalConfig, llm: dict, *, out: str | None = None, workers: int
     metrics, ranked = score_generations(q, title_emb, index, req["targets"], ks=cfg.ks, chunk=cfg.chunk)
     timings["grounding_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
-    if out is None:
-        root = Path(cfg.adapter).parent if cfg.adapter else Path(cfg.data)
-        out = str(root / f"metrics-{cfg.split}.json")
-    outp = Path(out)
-    outp.parent.mkdir(parents=True, exist_ok=True)
+    outp = metrics_path(cfg, out)
+    with output_errors(outp, option="--out"):
+        outp.parent.mkdir(parents=True, exist_ok=True)
     report = {"split": cfg.split, "metrics": metrics, "ks": list(cfg.ks), "users": len(req["user_id"]),
               "title_embedding_cache_hit": hit, "distinct_titles": len(index.titles), "items": index.n_items,
               "timings": timings, "use_gpu": use_gpu, "config": cfg.to_dict(), "llm": llm, "versions": versions()}
-    tmp = outp.with_name(f".{outp.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(report, indent=2, default=str))
-    os.replace(tmp, outp)
     k = max(cfg.ks)
     gen_tbl = pa.table({
         "user_id": req["user_id"], "generated": texts,
         "targets": pa.array(req["targets"], pa.list_(pa.int32())),
         f"top{k}": pa.array(ranked.tolist(), pa.list_(pa.int64())),
     })
-    pq.write_table(gen_tbl, outp.with_name(f"generations-{cfg.split}.parquet"))
+    atomic_write_with(outp.with_name(f"generations-{cfg.split}.parquet"), lambda tmp: pq.write_table(gen_tbl, tmp),
+                      option="--out")
+    atomic_write_bytes(outp, json.dumps(report, indent=2, default=str).encode(), option="--out")
     report["path"] = str(outp)
     return report
 

@@ -43,10 +43,9 @@ import tempfile
 import time
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from engine.config import collect_problems, raise_if, versions
-from engine.data.schema import count_samples, read_items, read_sample_rows, read_split
+from engine.data.schema import check_samples, read_id_column, read_items, read_sample_rows, read_split
 from engine.errors import ConfigError, DataError, ResumeError
 from engine.finetune import (
     BEST_ADAPTER_DIR,
@@ -55,6 +54,7 @@ from engine.finetune import (
     samples_per_second,
 )
 from engine.llm import resolve_base
+from engine.rundir import atomic_write_bytes, output_errors, read_json
 from engine.prompts import PROMPTS
 
 CONFIG_FILE = "finetune_config.json"
@@ -161,22 +161,21 @@ def load_examples(cfg: FinetuneConfig) -> dict:
         (plain lists, shipped to the workers through the object store).
 
     Raises:
-        DataError: bad selected file (missing column, unknown or duplicate sample ids).
+        DataError: bad data (unreadable files, duplicate sample ids, unknown items) or a bad
+            selected file (unreadable, missing column, unknown or duplicate sample ids).
     """
     items = read_items(cfg.data)
     titles = items.column("title").to_pylist()
-    n = count_samples(cfg.data)
+    n = check_samples(cfg.data, n_items=len(titles))
     if cfg.selected is not None:
-        t = pq.read_table(cfg.selected)
-        if "sample_id" not in t.column_names:
-            raise DataError(f"missing column; found {t.column_names}", path=cfg.selected, field="sample_id")
-        ids = np.asarray(t.column("sample_id").to_numpy(zero_copy_only=False), dtype=np.int64)
+        ids = read_id_column(cfg.selected, "sample_id")
         bad = ids[(ids < 0) | (ids >= n)]
         if bad.size:
             raise DataError(f"sample_id outside 0..{n - 1} of {cfg.data}", path=cfg.selected, field="sample_id",
                             value=int(bad[0]))
         if np.unique(ids).size != ids.size:
-            raise DataError("duplicate sample ids", path=cfg.selected, field="sample_id")
+            raise DataError("duplicate sample ids", path=cfg.selected, field="sample_id",
+                            value=int(ids[np.flatnonzero(np.diff(np.sort(ids)) == 0)[0]]))
         ids = np.sort(ids)
     else:
         ids = np.arange(n, dtype=np.int64)
@@ -299,12 +298,37 @@ def _cluster_has_gpus(ray) -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
-def fit(cfg: FinetuneConfig, *, overwrite: bool = False) -> dict:
+def check_resume(cfg: FinetuneConfig, *, overwrite: bool = False) -> bool:
+    """Whether ``cfg.out`` holds a run of another config that ``overwrite`` will discard;
+    changes nothing.
+
+    Raises:
+        ResumeError: it does and ``overwrite`` is false.
+        DataError: its finetune_config.json is unreadable.
+    """
+    cfg_file = Path(cfg.out) / CONFIG_FILE
+    if not cfg_file.exists():
+        return False
+    prev = read_json(cfg_file, hint="; delete it to start this fine-tune afresh, or use another --out")
+    if prev.get("fingerprint") == cfg.fingerprint():
+        return False
+    if not overwrite:
+        raise ResumeError(f"{cfg.out} holds a fine-tune with another config (see {cfg_file}); "
+                          "rerun with --overwrite or use another --out")
+    return True
+
+
+def fit(cfg: FinetuneConfig, *, overwrite: bool = False, payload: dict | None = None) -> dict:
     """Run (or resume) the fine-tune described by ``cfg``; Ray must be initialised.
+
+    Every input is read and checked before anything is written: the run's config
+    (``finetune_config.json``) is committed to ``cfg.out`` only once the data and selection
+    are known good, so a failed start never blocks a corrected rerun into the same folder.
 
     Args:
         cfg: validated config.
         overwrite: discard a previous run in ``cfg.out`` made with another config.
+        payload: what :func:`load_examples` returned for ``cfg`` (read here when None).
 
     Returns:
         The report written to ``OUT/finetune.json``.
@@ -318,23 +342,21 @@ def fit(cfg: FinetuneConfig, *, overwrite: bool = False) -> dict:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg_file = out / CONFIG_FILE
-    if cfg_file.exists():
-        prev = json.loads(cfg_file.read_text())
-        if prev.get("fingerprint") != cfg.fingerprint():
-            if not overwrite:
-                raise ResumeError(f"{out} holds a fine-tune with another config (see {cfg_file}); "
-                                  "rerun with --overwrite or use another --out")
-            for p in (out / RAY_RUN_NAME, out / "adapter", out / REPORT_FILE):
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-    cfg_file.write_text(json.dumps({"fingerprint": cfg.fingerprint(), "config": cfg.to_dict()}, indent=2))
-
+    discard = check_resume(cfg, overwrite=overwrite)
     t0 = time.perf_counter()
-    payload = load_examples(cfg)
+    if payload is None:
+        payload = load_examples(cfg)
     base = resolve_base(cfg.llm, payload["titles"])
     if Path(base).exists():
         base = str(Path(base).resolve())
+    # inputs good: only now is the run's config committed (and a run of another config discarded)
+    with output_errors(out, option="--out"):
+        out.mkdir(parents=True, exist_ok=True)
+        if discard:
+            for p in (out / RAY_RUN_NAME, out / "adapter", out / REPORT_FILE):
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    atomic_write_bytes(out / CONFIG_FILE, json.dumps({"fingerprint": cfg.fingerprint(), "config": cfg.to_dict()},
+                                                      indent=2).encode(), option="--out")
     use_gpu = _cluster_has_gpus(ray) if cfg.use_gpu is None else bool(cfg.use_gpu)
     env = {"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"), "TOKENIZERS_PARALLELISM": "false"}
     if not use_gpu:
@@ -363,10 +385,14 @@ def fit(cfg: FinetuneConfig, *, overwrite: bool = False) -> dict:
         state = read_state(Path(d))
         adapter_src = Path(d) / BEST_ADAPTER_DIR
         tmp = out / f".adapter.tmp-{os.getpid()}"
-        copy_tree(adapter_src, tmp)
-        if tmp.exists():
-            shutil.rmtree(out / "adapter", ignore_errors=True)
-            os.replace(tmp, out / "adapter")
+        try:
+            with output_errors(out, option="--out"):
+                copy_tree(adapter_src, tmp)
+                if tmp.exists():
+                    shutil.rmtree(out / "adapter", ignore_errors=True)
+                    os.replace(tmp, out / "adapter")
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     hist = state["history"]
     report = {
         "config": cfg.to_dict(),
@@ -390,7 +416,7 @@ def fit(cfg: FinetuneConfig, *, overwrite: bool = False) -> dict:
         "checkpoint": ckpt.path,
         "versions": versions(),
     }
-    (out / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str))
+    atomic_write_bytes(out / REPORT_FILE, json.dumps(report, indent=2, default=str).encode(), option="--out")
     return report
 
 
@@ -404,11 +430,14 @@ def run(args) -> int:
         ConfigError, DataError, ResumeError: reported by the CLI as one message.
     """
     cfg = config_from_args(args)
+    # bad data, a bad --selected or a run of another config fail here, before Ray starts
+    check_resume(cfg, overwrite=args.overwrite)
+    payload = load_examples(cfg)
     import ray
 
     if not ray.is_initialized():
         ray.init(address=args.address, runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}})
-    rep = fit(cfg, overwrite=args.overwrite)
+    rep = fit(cfg, overwrite=args.overwrite, payload=payload)
     print(f"fine-tune: {rep['epochs_done']} epoch(s), {rep['optimizer_steps']} optimiser steps, "
           f"{rep['samples_per_s']:.1f} samples/s, best epoch {rep['best_epoch']} "
           f"(val loss {rep['best_val_loss']}), wall {rep['wall_s_this_invocation']:.1f}s")

@@ -50,9 +50,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from engine.config import versions
-from engine.data.schema import read_items, read_sample_rows, read_split
+from engine.data.schema import (
+    check_samples,
+    parquet_rows,
+    read_id_column,
+    read_items,
+    read_parquet,
+    read_sample_rows,
+    read_split,
+)
 from engine.errors import ConfigError, DataError, ResumeError, check
-from engine.rundir import atomic_write_bytes
+from engine.rundir import atomic_write_bytes, atomic_write_with, writable_problem
 from engine.selection import METHODS, REQUIRED_SCORES, SelectionConfig
 from jobs.finetune import add_llm_arguments, llm_config_from_args
 
@@ -104,10 +112,8 @@ def read_scores(run_dir: Path, n: int) -> dict[str, np.ndarray]:
     p = run_dir / "scores.parquet"
     if not p.exists():
         raise DataError("scores.parquet not found; run `dealrec prune` first", path=p)
-    t = pq.read_table(p)
-    if "sample_id" not in t.column_names:
-        raise DataError(f"missing column; found {t.column_names}", path=p, field="sample_id")
-    ids = np.asarray(t.column("sample_id").to_numpy(zero_copy_only=False), dtype=np.int64)
+    ids = read_id_column(p, "sample_id")
+    t = read_parquet(p)
     order = np.argsort(ids, kind="stable")
     if not np.array_equal(ids[order], np.arange(n)):
         raise DataError(f"sample_id must cover 0..{n - 1} exactly once (the samples of --data)", path=p,
@@ -115,7 +121,10 @@ def read_scores(run_dir: Path, n: int) -> dict[str, np.ndarray]:
     out = {}
     for c in ("influence", "effort", "grand", "el2n"):
         if c in t.column_names:
-            out[c] = np.asarray(t.column(c).to_numpy(zero_copy_only=False), dtype=np.float64)[order]
+            col = t.column(c)
+            if not (pa.types.is_floating(col.type) or pa.types.is_integer(col.type)):
+                raise DataError(f"column has type {col.type}, expected numbers", path=p, field=c)
+            out[c] = np.asarray(col.to_numpy(zero_copy_only=False), dtype=np.float64)[order]
     return out
 
 
@@ -130,7 +139,7 @@ def check_args(args, n: int, scores: dict) -> tuple[list[int], list[str]]:
     budgets = args.budget
     if budgets is None:
         sel = run_dir / "selected.parquet"
-        budgets = [pq.read_metadata(sel).num_rows] if sel.exists() else [min(1024, n)]
+        budgets = [parquet_rows(sel)] if sel.exists() else [min(1024, n)]
     check(p, args.samples >= 1, f"samples={args.samples} must be >= 1")
     check(p, args.epochs >= 1 and 1 <= args.grace <= args.epochs, f"need 1 <= grace ({args.grace}) <= epochs ({args.epochs})")
     check(p, args.val_users >= 1, f"val-users={args.val_users} must be >= 1")
@@ -222,14 +231,20 @@ def validate_inputs(args) -> tuple[Path, str, dict, list[int], dict]:
     Raises:
         ConfigError: invalid search space or LLM config. DataError: missing or inconsistent scores / data.
     """
-    from engine.data.schema import count_samples
     from engine.llm import LLMConfig
 
     run_dir = Path(args.run).resolve()
     data = str(Path(args.data).resolve())
-    n = count_samples(data)
+    # the results, best_config.json and the Ray Tune experiment are written into --run
+    why = writable_problem(run_dir, option="--run")
+    if why:
+        raise ConfigError([why], config="tune")
+    n = check_samples(data, n_items=read_items(data).num_rows)
     scores = read_scores(run_dir, n)
     budgets, problems = check_args(args, n, scores)
+    if not len(read_split(data, "valid").column("targets").combine_chunks().flatten()):
+        problems.append(f"{Path(data) / 'valid.parquet'} has no user with a validation item: nothing to tune on "
+                        "(prepare the data with a valid share > 0)")
     llm = llm_config_from_args(args)
     try:
         LLMConfig.from_dict(llm)
@@ -326,8 +341,9 @@ def tune_run(args, inputs: tuple | None = None) -> dict:
         "epochs_run": int(b["epochs_run"]), "trials": len(table), "wall_s": time.perf_counter() - t0,
         "tune_dir": str(run_dir / "tune"), "versions": versions(),
     }
-    pq.write_table(pa.Table.from_pandas(table, preserve_index=False), run_dir / RESULTS_FILE)
-    atomic_write_bytes(run_dir / BEST_FILE, json.dumps(best, indent=2, default=str).encode())
+    results = pa.Table.from_pandas(table, preserve_index=False)
+    atomic_write_with(run_dir / RESULTS_FILE, lambda tmp: pq.write_table(results, tmp), option="--run")
+    atomic_write_bytes(run_dir / BEST_FILE, json.dumps(best, indent=2, default=str).encode(), option="--run")
     return {"table": table, "best": best}
 
 
