@@ -132,13 +132,21 @@ def _use_gpu(ray, choice: str) -> bool:
     return choice == "yes"
 
 
+def _blocks(tbl: pa.Table, n: int) -> list[pa.Table]:
+    """``tbl`` as ``n`` contiguous slices, the blocks of ``ray.data.from_arrow``. Not
+    ``.repartition(n)``: that runs as tasks that ask for CPU, which on small nodes whose CPUs
+    the model actors hold may wait behind the pool (the multi-node review of issue 16)."""
+    edges = np.linspace(0, tbl.num_rows, n + 1).astype(int)
+    return [tbl.slice(int(a), int(b - a)) for a, b in zip(edges[:-1], edges[1:]) if b > a] or [tbl]
+
+
 def embed_titles_ray(ray, llm: dict, titles: list[str], *, workers: int, use_gpu: bool, batch_size: int = 32):
     """Base-model embeddings of ``titles`` through a Ray Data ``TitleEmbedder`` pool."""
     from actors.generate import TitleEmbedder, actor_resources
 
     tbl = pa.table({"title_idx": np.arange(len(titles), dtype=np.int64), "title": titles})
     n_blocks = max(1, min(len(titles) // max(1, batch_size), 4 * workers))
-    ds = ray.data.from_arrow(tbl).repartition(n_blocks).map_batches(
+    ds = ray.data.from_arrow(_blocks(tbl, n_blocks)).map_batches(
         TitleEmbedder, fn_constructor_kwargs={"llm": llm, "batch_size": batch_size, "use_gpu": use_gpu},
         compute=ray.data.ActorPoolStrategy(size=workers), batch_size=batch_size, batch_format="numpy",
         **actor_resources(use_gpu=use_gpu))
@@ -157,7 +165,7 @@ def generate_ray(ray, llm: dict, titles: list[str], histories: list[list[int]], 
     tbl = pa.table({"row": np.arange(len(histories), dtype=np.int64),
                     "history": pa.array(histories, pa.list_(pa.int32()))})
     n_blocks = max(1, min(len(histories) // max(1, cfg.batch_size), 4 * workers))
-    ds = ray.data.from_arrow(tbl).repartition(n_blocks).map_batches(
+    ds = ray.data.from_arrow(_blocks(tbl, n_blocks)).map_batches(
         Generator,
         fn_constructor_kwargs={"llm": llm, "titles": ray.put(titles), "prompt": cfg.prompt,
                                "cutoff_len": cfg.cutoff_len, "beams": cfg.beams,
