@@ -111,6 +111,7 @@ class ScaleConfig:
     effort_max_actors: int = field(default=0, metadata={"help": "upper bound of the autoscaling LLM pool (0 = auto, as --influence-max-actors)"})
     stall_warn_s: float = field(default=120.0, metadata={"help": "a scoring stage with no batch scored for this many seconds logs the cluster's pending resource demands (0 = never)"})
     stall_timeout_s: float = field(default=1800.0, metadata={"help": "... and fails with a clear error after this many seconds (0 = wait forever); counts actor start-up (model loading) too"})
+    address: str = field(default="", metadata={"help": "Ray address (default: RAY_ADDRESS, else the cluster of the last `ray start` if it answers, else a local instance)"})
     max_restarts: int = field(default=3, metadata={"help": "actor restarts allowed (node loss)"})
     max_task_retries: int = field(default=-1, metadata={"help": "task retries allowed (node loss; -1 = unlimited, Ray Data's default)"})
 
@@ -319,14 +320,14 @@ def stage_hashes(cfg: PruneJobConfig, fingerprint: str) -> dict[str, str]:
     return h
 
 
-def _init_ray():
+def _init_ray(address: str | None = None):
     import ray
 
     if not ray.is_initialized():
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         from jobs.ray_init import init_ray
 
-        init_ray(ignore_reinit_error=True, log_to_driver=True)
+        init_ray(address=address, ignore_reinit_error=True, log_to_driver=True)
         ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
     return ray
 
@@ -384,7 +385,7 @@ def run_prune(cfg: PruneJobConfig, *, log=print) -> dict:
     run.set(job="prune", config=to_dict(cfg), versions=versions(), data_meta=meta.get("counts", {}))
     if done:
         log(f"[prune] resuming {out}: stages already done: {done}")
-    ray = _init_ray()
+    ray = _init_ray(cfg.scale.address or None)
 
     # 1. surrogate, on the driver ------------------------------------------------------
     if need_sur and not run.done("surrogate"):

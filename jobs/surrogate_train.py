@@ -276,13 +276,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import ray
-
     fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(SurrogateConfig) if f.name != "distributed"}
     cfg = SurrogateConfig(distributed="ray_train", **fields)
     n_items = read_items(args.data).num_rows
-    if not ray.is_initialized():
-        ray.init(address=args.address, runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}})
+    from jobs.ray_init import init_ray
+
+    init_ray(address=args.address, runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}})
     train_surrogate_ray(args.data, n_items, cfg, out_dir=args.out, cpus_per_worker=args.cpus_per_worker,
                         use_gpu={"auto": None, "yes": True, "no": False}[args.gpu])
     return 0
