@@ -234,7 +234,7 @@ def test_streamed_training_checks_its_chunks():
 def test_ranking_metrics_do_not_depend_on_rows_per_scoring_pass(monkeypatch):
     """evaluate_ranking bounds its score matrix (EVAL_PAIRS user-item pairs per pass) for large
     catalogues; the metrics are the same however the rows are grouped."""
-    import engine.surrogate as sur
+    import engine.surrogate.evaluate as sur  # the module whose EVAL_PAIRS evaluate_ranking reads
 
     torch.manual_seed(0)
     samples, valid = cyclic_data(n_users=120)
