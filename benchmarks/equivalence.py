@@ -95,7 +95,11 @@ def record_influence(rec: dict, samples, models: dict):
         mean_gradient,
         score_surrogate_batch,
     )
-    from engine.baseline_scores import el2n_scores, grand_scores
+
+    try:
+        from engine.influence import el2n_scores, grand_scores
+    except ImportError:  # before the split of #18: their own module
+        from engine.baseline_scores import el2n_scores, grand_scores
     from engine.surrogate import make_batches, surrogate_loss
 
     for name, (model, cfg) in models.items():

@@ -8,7 +8,6 @@ import pyarrow as pa
 import pytest
 import torch
 
-from engine.baseline_scores import el2n_scores, grand_scores
 from engine.errors import ConfigError, SolverError
 from engine.influence import (
     InfluenceConfig,
@@ -19,7 +18,9 @@ from engine.influence import (
     hessian_vector_product,
     score_surrogate_batch,
     directional_derivatives,
+    el2n_scores,
     flatten_params,
+    grand_scores,
     influence_scores,
     mean_gradient,
     solve_ihvp,

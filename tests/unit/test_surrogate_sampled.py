@@ -11,11 +11,11 @@ import pyarrow as pa
 import pytest
 import torch
 
-from engine.baseline_scores import grand_scores
 from engine.errors import ConfigError
 from engine.influence import (
     dense_hessian,
     directional_derivatives,
+    grand_scores,
     hessian_vector_product,
     influence_scores,
     mean_gradient,

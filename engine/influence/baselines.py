@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from engine.influence import _eval_mode, _LossModule, trainable_params
+from engine.influence.params import _eval_mode, _LossModule, trainable_params
 
 __all__ = ["el2n_scores", "grand_scores"]
 
