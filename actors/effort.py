@@ -23,9 +23,9 @@ from collections.abc import Sequence
 import numpy as np
 import ray
 
-from engine.effort import score_effort_batch
-from engine.llm import LLMConfig, load_llm
-from engine.prompts import PromptConfig, get_prompt_config
+from engine.llm.bigrec.effort import score_effort_batch
+from engine.llm.bigrec.model import LLMConfig, load_llm
+from engine.llm.bigrec.prompts import PromptConfig, get_prompt_config
 
 
 def _resolve_titles(arg) -> list[str]:

@@ -12,8 +12,8 @@ import dataclasses
 import numpy as np
 
 from engine.evaluate import embed_texts, generate_texts
-from engine.llm import LLMConfig, load_llm
-from engine.prompts import get_prompt_config
+from engine.llm.bigrec.model import LLMConfig, load_llm
+from engine.llm.bigrec.prompts import get_prompt_config
 
 __all__ = ["Generator", "TitleEmbedder", "actor_resources"]
 

@@ -1,7 +1,7 @@
 """TextEffortScorer: a Ray Data callable class holding one text-encoder (MiniLM + LoRA) replica.
 
 Effort of the text-encoder backend = per-sample LoRA gradient norm of its batch-independent loss
-(:func:`engine.text_encoder.effort_scores`: the target among fixed negatives drawn from the
+(:func:`engine.llm.textrec.effort_scores`: the target among fixed negatives drawn from the
 sample id). Usage with :func:`actors.shards.score_shards`::
 
     titles_ref = ray.put(titles)
@@ -21,14 +21,14 @@ import numpy as np
 import ray
 
 from actors.effort import _resolve_titles
-from engine.text_encoder import Catalogue, TextRecConfig, build_model, effort_scores
+from engine.llm.textrec import Catalogue, TextRecConfig, build_model, effort_scores
 
 
 class TextEffortScorer:
     """Builds the encoder + LoRA once (``__init__``) and scores batches (``__call__``).
 
     Args:
-        config_dict: :class:`engine.text_encoder.TextRecConfig` or a dict of its fields (may be an
+        config_dict: :class:`engine.llm.textrec.TextRecConfig` or a dict of its fields (may be an
             ObjectRef).
         titles_ref: the titles list indexed by item id, an ObjectRef to it, or the path of an
             ``items.parquet`` (or of a prepared folder holding one).

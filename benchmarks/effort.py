@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from engine.effort import per_sample_grad_norms, per_sample_grad_norms_loop  # noqa: E402
-from engine.prompts import per_sample_causal_lm_loss  # noqa: E402
+from engine.llm.bigrec.prompts import per_sample_causal_lm_loss  # noqa: E402
 
 
 def _rss_kb(field: str) -> int:
@@ -147,9 +147,9 @@ def score_prepared(args) -> None:
     import pyarrow.parquet as pq
 
     from engine.data.schema import read_items, read_samples
-    from engine.effort import score_effort_batch
-    from engine.llm import LLMConfig, load_llm
-    from engine.prompts import get_prompt_config
+    from engine.llm.bigrec.effort import score_effort_batch
+    from engine.llm.bigrec.model import LLMConfig, load_llm
+    from engine.llm.bigrec.prompts import get_prompt_config
 
     t0 = time.perf_counter()
     items = read_items(args.score_prepared)

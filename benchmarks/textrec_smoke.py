@@ -36,7 +36,7 @@ import torch  # noqa: E402
 
 from engine.data.schema import read_items, read_samples  # noqa: E402
 from engine.metrics import format_table  # noqa: E402
-from engine.text_encoder import (  # noqa: E402
+from engine.llm.textrec import (  # noqa: E402
     Catalogue, TextRecConfig, build_model, effort_scores, evaluate, train,
 )
 

@@ -1,7 +1,7 @@
 """Paired per-user bootstrap: is method B better than method A on the same test users?
 
 Both arrays hold one metric value per test user (e.g. NDCG@20 from
-:func:`engine.text_encoder.evaluate`'s ``per_user``), for the SAME users in the same order.
+:func:`engine.llm.textrec.evaluate`'s ``per_user``), for the SAME users in the same order.
 Users are resampled with replacement; every resample keeps the pairing (user u's A and B
 values travel together), so the user-to-user spread that both methods share cancels out of
 the difference (a paired test, far tighter than comparing two independent CIs).

@@ -33,7 +33,7 @@ import torch
 from engine.errors import ConfigError, check
 from engine.grounding import TitleIndex, ground
 from engine.metrics import DEFAULT_KS, recall_ndcg
-from engine.prompts import PROMPTS, encode_prompt, get_prompt_config
+from engine.llm.bigrec.prompts import PROMPTS, encode_prompt, get_prompt_config
 
 __all__ = [
     "EvalConfig",
@@ -158,7 +158,7 @@ def generate_texts(model, tokenizer, history_titles: Sequence[Sequence[str]], pr
         model: causal LM (peft-wrapped or not), in eval mode.
         tokenizer: its tokenizer.
         history_titles: per user, history titles oldest first.
-        prompt_cfg: :class:`engine.prompts.PromptConfig`.
+        prompt_cfg: :class:`engine.llm.bigrec.prompts.PromptConfig`.
         beams: beam width (1 = greedy).
         max_new_tokens: generated tokens per user (room is reserved in ``cutoff_len``).
         batch_size: prompts per ``generate`` call.

@@ -36,8 +36,8 @@ import torch
 
 from engine.config import collect_problems, stable_hash
 from engine.errors import ConfigError, check
-from engine.llm import LLMConfig
-from engine.prompts import PROMPTS, collate, encode_sample, get_prompt_config, per_sample_causal_lm_loss
+from engine.llm.bigrec.model import LLMConfig
+from engine.llm.bigrec.prompts import PROMPTS, collate, encode_sample, get_prompt_config, per_sample_causal_lm_loss
 
 __all__ = [
     "FinetuneConfig",
@@ -79,7 +79,7 @@ class FinetuneConfig:
     out: str = field(metadata={"help": "output folder: adapter/, finetune.json, Ray Train run"})
     selected: str | None = field(default=None, metadata={"help": "selected.parquet (column sample_id) of a prune run"})
     all_samples: bool = field(default=False, metadata={"help": "fine-tune on every sample (full baseline)"})
-    llm: LLMConfig = field(default_factory=LLMConfig, metadata={"help": "base model + LoRA (engine.llm.LLMConfig)"})
+    llm: LLMConfig = field(default_factory=LLMConfig, metadata={"help": "base model + LoRA (engine.llm.bigrec.model.LLMConfig)"})
     prompt: str = field(default="generic", metadata={"help": "prompt preset: " + ", ".join(PROMPTS)})
     cutoff_len: int = field(default=512, metadata={"help": "max tokens per sample (BIGRec: 512)"})
     max_history: int = field(default=10, metadata={"help": "newest history titles kept in a prompt (BIGRec data: 10)"})
@@ -173,7 +173,7 @@ class FinetuneConfig:
         return self.batch_size // (self.micro_batch * self.workers)
 
     def prompt_config(self):
-        """The :class:`engine.prompts.PromptConfig` of this run (preset + ``cutoff_len``)."""
+        """The :class:`engine.llm.bigrec.prompts.PromptConfig` of this run (preset + ``cutoff_len``)."""
         return get_prompt_config(self.prompt, cutoff_len=self.cutoff_len)
 
     def to_dict(self) -> dict:
@@ -292,11 +292,11 @@ def encode_examples(
         histories: per sample, item ids oldest first; the newest ``max_history`` are used.
         targets: per sample, the target item id.
         titles: item titles indexed by item id.
-        prompt_cfg: :class:`engine.prompts.PromptConfig`.
+        prompt_cfg: :class:`engine.llm.bigrec.prompts.PromptConfig`.
         max_history: newest titles kept (0 = none).
 
     Returns:
-        Dicts ``{"input_ids", "labels", "n_history_kept"}`` (see ``engine.prompts.encode_sample``).
+        Dicts ``{"input_ids", "labels", "n_history_kept"}`` (see ``engine.llm.bigrec.prompts.encode_sample``).
     """
     out = []
     for h, t in zip(histories, targets):

@@ -43,9 +43,9 @@ from engine.data.schema import read_items, read_split
 from engine.errors import ConfigError, DataError, ResumeError
 from engine.evaluate import EvalConfig, cached_title_embeddings, eval_requests, score_generations
 from engine.grounding import index_titles
-from engine.llm import LLMConfig, adapter_problem, resolve_base
+from engine.llm.bigrec.model import LLMConfig, adapter_problem, resolve_base
 from engine.metrics import DEFAULT_KS, format_table
-from engine.prompts import PROMPTS
+from engine.llm.bigrec.prompts import PROMPTS
 from engine.rundir import atomic_write_bytes, atomic_write_with, output_errors, read_json, writable_problem
 
 
@@ -213,7 +213,7 @@ def evaluate(cfg: EvalConfig, llm: dict, *, out: str | None = None, workers: int
     timings = {}
     if local:
         from engine.evaluate import embed_texts, generate_texts
-        from engine.llm import load_llm
+        from engine.llm.bigrec.model import load_llm
 
         model, tok = load_llm(LLMConfig.from_dict(llm), trainable=False)
         t = time.perf_counter()

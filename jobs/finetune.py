@@ -1,7 +1,7 @@
 """Few-shot LoRA fine-tune of the BIGRec LLM on a selected subset: Ray Train + DeepSpeed.
 
 A ``TorchTrainer`` runs one worker loop per data-parallel rank: it loads the base LLM and
-LoRA (engine.llm), wraps it with ``deepspeed.initialize`` (ZeRO-2 by default; ZeRO-3 and
+LoRA (engine.llm.bigrec.model), wraps it with ``deepspeed.initialize`` (ZeRO-2 by default; ZeRO-3 and
 CPU offload selectable; bf16 + NCCL on GPU, fp32 + gloo on CPU) or, with
 ``--strategy ddp``, with ``ray.train.torch.prepare_model``, and trains on the selected
 samples. Every epoch it reports a Ray Train checkpoint (LoRA + optimiser state, the
@@ -53,9 +53,9 @@ from engine.finetune import (
     copy_tree,
     samples_per_second,
 )
-from engine.llm import resolve_base
+from engine.llm.bigrec.model import resolve_base
 from engine.rundir import atomic_write_bytes, output_errors, read_json
-from engine.prompts import PROMPTS
+from engine.llm.bigrec.prompts import PROMPTS
 
 CONFIG_FILE = "finetune_config.json"
 REPORT_FILE = "finetune.json"
@@ -208,7 +208,7 @@ def train_loop_per_worker(config: dict) -> None:
     import torch
 
     from engine import finetune as ft
-    from engine.llm import load_llm
+    from engine.llm.bigrec.model import load_llm
 
     cfg = FinetuneConfig.from_dict(config["cfg"])
     payload = ray.get(config["payload"])

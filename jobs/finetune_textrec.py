@@ -2,7 +2,7 @@
 
 The accuracy path of DESIGN.md section 5 on machines without GPUs or causal-LM weights. A Ray
 Train ``TorchTrainer`` runs one loop per data-parallel rank: it builds the encoder + LoRA
-(:func:`engine.text_encoder.build_model`), wraps it with ``deepspeed.initialize`` (ZeRO-2 by
+(:func:`engine.llm.textrec.build_model`), wraps it with ``deepspeed.initialize`` (ZeRO-2 by
 default, fp32 + gloo on CPU, bf16-free: the encoder is small) or DDP
 (``ray.train.torch.prepare_model``), and trains on the selected ``sample_id``s with the in-batch
 softmax. ``--strategy local`` runs the very same loop in this process without Ray (fastest on a
@@ -12,7 +12,7 @@ One global batch, any number of ranks. Each optimiser step takes ``batch_size`` 
 epoch's seeded permutation; rank r encodes the r-th contiguous slice of them, and the item
 embeddings of every rank are all-gathered with autograd (``torch.distributed.nn``), so every
 user is scored against the targets of the WHOLE batch. Together with the ranks' gradient
-averaging this gives exactly the gradient of :func:`engine.text_encoder.train_loss` on the whole
+averaging this gives exactly the gradient of :func:`engine.llm.textrec.train_loss` on the whole
 batch: local, DDP and DeepSpeed runs of one config train the same adapter (up to float
 rounding; LoRA dropout draws differ per rank, so set ``--lora-dropout 0`` to compare them).
 
@@ -68,7 +68,7 @@ import pyarrow.parquet as pq
 from engine.config import stable_hash, versions
 from engine.errors import ConfigError, DataError, ResumeError, check
 from engine.metrics import DEFAULT_KS
-from engine.text_encoder import TextRecConfig
+from engine.llm.textrec import TextRecConfig
 
 __all__ = ["TextFinetuneConfig", "fit", "train_in_process", "load_adapter", "add_arguments", "run"]
 
@@ -101,7 +101,7 @@ class TextFinetuneConfig:
     workers: int = field(default=2, metadata={"help": "Ray Train workers (ddp/deepspeed)"})
     workers_cpu: float = field(default=1.0, metadata={"help": "CPUs (and torch threads) per worker"})
     use_gpu: bool = field(default=False, metadata={"help": "one GPU per worker"})
-    max_grad_norm: float = field(default=0.0, metadata={"help": "gradient clipping (0: none, as engine.text_encoder.train)"})
+    max_grad_norm: float = field(default=0.0, metadata={"help": "gradient clipping (0: none, as engine.llm.textrec.train)"})
     time_budget_s: float | None = field(
         default=None, metadata={"help": "stop training after this many seconds (the full-data wall-time baseline)"})
     split: str = field(default="test", metadata={"help": "evaluation split: valid | test | none"})
@@ -262,10 +262,10 @@ def _batches(n: int, *, batch_size: int, seed: int, epoch: int) -> list[np.ndarr
 
 
 def sharded_train_loss(model, batch: dict, groups: "torch.Tensor", *, rank: int, world: int):  # noqa: F821
-    """The in-batch softmax of :func:`engine.text_encoder.train_loss` over the WHOLE global batch.
+    """The in-batch softmax of :func:`engine.llm.textrec.train_loss` over the WHOLE global batch.
 
     Args:
-        model: the (wrapped) :class:`engine.text_encoder.TextRecModel`.
+        model: the (wrapped) :class:`engine.llm.textrec.TextRecModel`.
         batch: this rank's slice (``collate_train`` of global positions ``rank*b .. (rank+1)*b``).
         groups: ``[B]`` title groups of every target of the global batch.
         rank, world: data-parallel position (world 1: exactly ``train_loss``).
@@ -277,7 +277,7 @@ def sharded_train_loss(model, batch: dict, groups: "torch.Tensor", *, rank: int,
     import torch
     import torch.nn.functional as F
 
-    from engine.text_encoder import _unwrap
+    from engine.llm.textrec import _unwrap
 
     u, v = model(batch["user_input_ids"], batch["user_attention_mask"],
                  batch["item_input_ids"], batch["item_attention_mask"])
@@ -334,7 +334,7 @@ def train_in_process(model, stepper: _Stepper, payload: dict, cfg: TextFinetuneC
     """Train on ``payload``'s samples on this rank; every rank of a group calls it.
 
     Args:
-        model: the :class:`engine.text_encoder.TextRecModel` (unwrapped; for tokenising).
+        model: the :class:`engine.llm.textrec.TextRecModel` (unwrapped; for tokenising).
         stepper: wraps the (DDP/DeepSpeed) module that the loss runs through.
         payload: from :func:`load_training_samples`.
         cfg: epochs, batch size, seed (``cfg.textrec``), time budget.
@@ -348,7 +348,7 @@ def train_in_process(model, stepper: _Stepper, payload: dict, cfg: TextFinetuneC
     """
     import torch
 
-    from engine.text_encoder import Catalogue, _to, collate_train
+    from engine.llm.textrec import Catalogue, _to, collate_train
 
     tc = cfg.textrec
     cat = Catalogue.from_titles(payload["titles"])
@@ -421,7 +421,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train.torch
     import torch
 
-    from engine.text_encoder import build_model
+    from engine.llm.textrec import build_model
 
     cfg = TextFinetuneConfig.from_dict(config["cfg"])
     payload = ray.get(config["payload"])
@@ -493,7 +493,7 @@ def _train_ray(cfg: TextFinetuneConfig, payload: dict, out: Path) -> dict:
 def _train_local(cfg: TextFinetuneConfig, payload: dict, out: Path, log) -> dict:
     import torch
 
-    from engine.text_encoder import build_model
+    from engine.llm.textrec import build_model
 
     model = build_model(cfg.textrec)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -509,10 +509,10 @@ def _train_local(cfg: TextFinetuneConfig, payload: dict, out: Path, log) -> dict
 
 
 def load_adapter(model, path: str | os.PathLike):
-    """Load a LoRA adapter written by this job into a fresh :func:`engine.text_encoder.build_model` model.
+    """Load a LoRA adapter written by this job into a fresh :func:`engine.llm.textrec.build_model` model.
 
     Args:
-        model: a :class:`engine.text_encoder.TextRecModel` with the same LoRA config.
+        model: a :class:`engine.llm.textrec.TextRecModel` with the same LoRA config.
         path: the ``adapter/`` folder (peft ``save_pretrained`` format).
 
     Returns:
@@ -630,7 +630,7 @@ def fit(cfg: TextFinetuneConfig, *, overwrite: bool = False, log=print) -> dict:
 
 
 def evaluate_adapter(cfg: TextFinetuneConfig, adapter: str | os.PathLike) -> dict:
-    """:func:`engine.text_encoder.evaluate` of the encoder + ``adapter`` on ``cfg.split``.
+    """:func:`engine.llm.textrec.evaluate` of the encoder + ``adapter`` on ``cfg.split``.
 
     The user subset is drawn with ``cfg.eval_seed`` (not the training seed), so every run of a
     comparison is evaluated on the same users.
@@ -655,7 +655,7 @@ def evaluate_splits(textrec: TextRecConfig, data: str | os.PathLike, adapter: st
     Returns:
         ``{split: evaluate(...) result}``.
     """
-    from engine.text_encoder import build_model, evaluate
+    from engine.llm.textrec import build_model, evaluate
 
     model = load_adapter(build_model(textrec), adapter)
     return {sp: evaluate(model, data, sp, replace(textrec, seed=eval_seed), max_users=n, ks=ks)

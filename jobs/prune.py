@@ -55,8 +55,8 @@ from engine.data.schema import (
     sample_loaders,
 )
 from engine.errors import ConfigError, DataError, check
-from engine.llm import LLMConfig
-from engine.prompts import get_prompt_config, make_record, PROMPTS
+from engine.llm.bigrec.model import LLMConfig
+from engine.llm.bigrec.prompts import get_prompt_config, make_record, PROMPTS
 from engine.rundir import RunDir, atomic_write_bytes, atomic_write_with, writable_problem
 from engine.selection import METHODS, SelectionConfig, select
 from engine.surrogate import SurrogateConfig
@@ -449,7 +449,7 @@ def run_prune(cfg: PruneJobConfig, *, log=print) -> dict:
         log(f"[effort] pool: {pool.describe()}")
         llm_cfg = cfg.llm  # LoRA dropout is off while scoring: the effort engine runs in eval mode
         # Build the tiny base once on the driver so actors only load it.
-        from engine.llm import resolve_base
+        from engine.llm.bigrec.model import resolve_base
 
         base = resolve_base(llm_cfg, titles)
         llm_dict = {**to_dict(llm_cfg), "model": base} if llm_cfg.model == "tiny" else to_dict(llm_cfg)

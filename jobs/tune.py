@@ -169,7 +169,7 @@ def trial(config: dict, shared: dict) -> None:
 
     from engine import finetune as ft
     from engine.evaluate import embed_texts, generate_texts, score_generations
-    from engine.llm import load_llm
+    from engine.llm.bigrec.model import load_llm
     from engine.selection import select
 
     s = shared["settings"]
@@ -231,7 +231,7 @@ def validate_inputs(args) -> tuple[Path, str, dict, list[int], dict]:
     Raises:
         ConfigError: invalid search space or LLM config. DataError: missing or inconsistent scores / data.
     """
-    from engine.llm import LLMConfig
+    from engine.llm.bigrec.model import LLMConfig
 
     run_dir = Path(args.run).resolve()
     data = str(Path(args.data).resolve())
@@ -270,7 +270,7 @@ def tune_run(args, inputs: tuple | None = None) -> dict:
 
     from engine.evaluate import cached_title_embeddings, embed_texts, eval_requests
     from engine.grounding import index_titles
-    from engine.llm import LLMConfig, load_llm, resolve_base
+    from engine.llm.bigrec.model import LLMConfig, load_llm, resolve_base
 
     t0 = time.perf_counter()
     run_dir, data, scores, budgets, llm = inputs or validate_inputs(args)

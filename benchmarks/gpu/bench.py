@@ -346,9 +346,9 @@ def make_lengths(prepared: str, n: int = 512) -> None:
     from transformers import AutoTokenizer
 
     from engine.data.schema import read_items, read_samples
-    from engine.effort import encode_effort_samples
-    from engine.llm import LLMConfig, resolve_base
-    from engine.prompts import get_prompt_config
+    from engine.llm.bigrec.effort import encode_effort_samples
+    from engine.llm.bigrec.model import LLMConfig, resolve_base
+    from engine.llm.bigrec.prompts import get_prompt_config
 
     titles = read_items(prepared).column("title").to_pylist()
     s = read_samples(prepared)
@@ -361,7 +361,7 @@ def make_lengths(prepared: str, n: int = 512) -> None:
     lengths = [len(e["input_ids"]) for e in encode_effort_samples(tok, titles, hist, tgt, cfg)]
     LENGTHS_FILE.write_text(json.dumps({
         "what": f"Games (DEALRec release): token lengths of {n} seeded-random training samples as effort prompts "
-                f"(engine.effort.encode_effort_samples, prompt preset 'games', cutoff_len {cfg.cutoff_len}) under the "
+                f"(engine.llm.bigrec.effort.encode_effort_samples, prompt preset 'games', cutoff_len {cfg.cutoff_len}) under the "
                 "SmolLM2-135M-Instruct tokenizer, and the same samples' history lengths in items (surrogate input). "
                 "Lengths only: no titles or ids.",
         "made_by": "benchmarks/gpu/bench.py --make-lengths PREPARED_GAMES (seed 0)",

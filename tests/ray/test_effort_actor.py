@@ -14,9 +14,9 @@ N = 40
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from engine.effort import score_effort_batch
-    from engine.llm import LLMConfig, load_llm
-    from engine.prompts import get_prompt_config
+    from engine.llm.bigrec.effort import score_effort_batch
+    from engine.llm.bigrec.model import LLMConfig, load_llm
+    from engine.llm.bigrec.prompts import get_prompt_config
 
     cache = tmp_path_factory.getbasetemp() / "dealrec-cache"
     cfg = LLMConfig(cache_dir=str(cache), init_lora_weights=False, seed=2)

@@ -32,7 +32,7 @@ def make_tiny_data(out, *, n_users=40, n_items=30, seed=1):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from engine.llm import LLMConfig, load_llm
+    from engine.llm.bigrec.model import LLMConfig, load_llm
 
     root = tmp_path_factory.mktemp("ev")
     data = make_tiny_data(root / "data")

@@ -9,9 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from engine.effort import per_sample_grad_norms, per_sample_grad_norms_loop, score_effort_batch
-from engine.llm import LLMConfig, load_llm
-from engine.prompts import collate, encode_sample, get_prompt_config, per_sample_causal_lm_loss
+from engine.effort import per_sample_grad_norms, per_sample_grad_norms_loop
+from engine.llm.bigrec.effort import score_effort_batch
+from engine.llm.bigrec.model import LLMConfig, load_llm
+from engine.llm.bigrec.prompts import collate, encode_sample, get_prompt_config, per_sample_causal_lm_loss
 
 TITLES = [f"Game {i} {w}" for i, w in enumerate(["Quest", "Racer", "Arena", "Legends", "Puzzle", "Saga"] * 10)]
 RTOL = 1e-4

@@ -7,9 +7,9 @@ import os
 import pytest
 import torch
 
-from engine import llm as llm_mod
+from engine.llm.bigrec import model as llm_mod
 from engine.errors import ConfigError
-from engine.llm import LLMConfig, build_tiny_base, load_llm, resolve_base
+from engine.llm.bigrec.model import LLMConfig, build_tiny_base, load_llm, resolve_base
 
 TITLES = ["Space Quest", "Kart Racer Deluxe", "Puzzle Arena", "Legends of the Sword", "Retro Saga II"] * 4
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from engine.errors import ConfigError
-from engine.llm import LLMConfig, load_llm
-from engine.prompts import (
+from engine.llm.bigrec.model import LLMConfig, load_llm
+from engine.llm.bigrec.prompts import (
     PROMPTS,
     PromptConfig,
     collate,

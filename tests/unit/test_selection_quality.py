@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from engine import text_encoder as te
+from engine.llm import textrec as te
 from engine.errors import ConfigError, ResumeError
 from jobs import finetune_textrec as ftr
 

@@ -30,9 +30,9 @@ import numpy as np
 import pytest
 import torch
 
-from engine import llm as llm_mod
+from engine.llm.bigrec import model as llm_mod
 from engine.errors import ConfigError
-from engine.llm import LLMConfig, load_llm, resolve_base
+from engine.llm.bigrec.model import LLMConfig, load_llm, resolve_base
 
 ROOT = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("DEALREC_CACHE", ROOT / ".cache" / "dealrec")).resolve()
@@ -125,7 +125,7 @@ def test_loads_offline_as_a_cached_pretrained_llama(smollm2, monkeypatch):
     assert time.perf_counter() - t < 1.0
 
     # Pretrained, not random: a real title is far likelier than a random string of similar length.
-    from engine.prompts import collate, per_sample_causal_lm_loss
+    from engine.llm.bigrec.prompts import collate, per_sample_causal_lm_loss
 
     rng = np.random.default_rng(0)
     junk = "".join(rng.choice(list("qxzjvkwbpfg ")) for _ in range(40))
@@ -137,8 +137,9 @@ def test_loads_offline_as_a_cached_pretrained_llama(smollm2, monkeypatch):
 
 @pytest.mark.smollm2
 def test_effort_is_finite_batch_independent_and_equals_the_loop(smollm2):
-    from engine.effort import encode_effort_samples, per_sample_grad_norms, per_sample_grad_norms_loop
-    from engine.prompts import collate, get_prompt_config, per_sample_causal_lm_loss
+    from engine.effort import per_sample_grad_norms, per_sample_grad_norms_loop
+    from engine.llm.bigrec.effort import encode_effort_samples
+    from engine.llm.bigrec.prompts import collate, get_prompt_config, per_sample_causal_lm_loss
 
     model, tok, _, _ = smollm2
     cfg = get_prompt_config("games")
@@ -163,7 +164,7 @@ def test_effort_is_finite_batch_independent_and_equals_the_loop(smollm2):
 def test_generation_grounds_to_catalogue_items(smollm2):
     from engine.evaluate import embed_texts, generate_texts, score_generations
     from engine.grounding import index_titles
-    from engine.prompts import get_prompt_config
+    from engine.llm.bigrec.prompts import get_prompt_config
 
     model, tok, _, _ = smollm2
     catalogue = TITLES + ["Tetris"]  # a duplicate title: both items must be returned together
@@ -204,7 +205,7 @@ def test_short_finetune_lowers_val_loss_and_lifts_grounded_recall(games_dir, tmp
     from engine.data.schema import read_items, read_samples, read_split
     from engine.evaluate import embed_texts, generate_texts, score_generations
     from engine.grounding import index_titles
-    from engine.prompts import get_prompt_config
+    from engine.llm.bigrec.prompts import get_prompt_config
 
     _smollm2_or_skip()
     torch.set_num_threads(1)  # a shared 2-core box: no OpenMP spin-waits against other jobs
@@ -299,8 +300,8 @@ def test_the_jobs_take_it_by_name(smollm2, tmp_path):
     import argparse
 
     from actors.effort import EffortScorer
-    from engine.effort import score_effort_batch
-    from engine.prompts import get_prompt_config
+    from engine.llm.bigrec.effort import score_effort_batch
+    from engine.llm.bigrec.prompts import get_prompt_config
     from jobs import evaluate as ev
     from jobs import finetune as ftjob
     from tests.ray.test_evaluate import make_tiny_data

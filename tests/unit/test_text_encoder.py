@@ -13,12 +13,14 @@ import numpy as np
 import pytest
 import torch
 
-from engine import text_encoder as te
-from engine.backends import BigRecBackend, LLMBackend, TextEncoderBackend, get_backend
+from engine.llm import textrec as te
+from engine.llm import LLMBackend, get_backend
+from engine.llm.bigrec.backend import BigRecBackend
+from engine.llm.textrec.backend import TextEncoderBackend
 from engine.data.schema import PreparedWriter
 from engine.effort import per_sample_grad_norms, per_sample_grad_norms_loop
 from engine.errors import ConfigError
-from engine.prompts import PROMPTS
+from engine.llm.bigrec.prompts import PROMPTS
 
 GENRES = ["Quest", "Racer", "Arena", "Puzzle"]
 WORDS = ["Alpha", "Bravo", "Delta", "Echo", "Omega", "Nova", "Zen", "Storm", "Ridge", "Vale", "Lunar", "Prime",
@@ -225,8 +227,10 @@ def test_evaluate_hand_computed(model, tmp_path, monkeypatch):
     ang = np.deg2rad(np.arange(6) * 30.0)
     item_vec = torch.tensor(np.stack([np.cos(ang), np.sin(ang)], 1), dtype=torch.float32)
     user_vec = {"I0": [1.0, 0.0], "I3": [math.cos(math.radians(80)), math.sin(math.radians(80))]}
-    monkeypatch.setattr(te, "encode_items", lambda m, cat: item_vec)
-    monkeypatch.setattr(te, "encode_users", lambda m, hs: torch.tensor([user_vec[h[-1]] for h in hs]))
+    from engine.llm.textrec import ranking  # the module whose encode_items/encode_users evaluate calls
+
+    monkeypatch.setattr(ranking, "encode_items", lambda m, cat: item_vec)
+    monkeypatch.setattr(ranking, "encode_users", lambda m, hs: torch.tensor([user_vec[h[-1]] for h in hs]))
     res = te.evaluate(model, _hand_folder(tmp_path), "test", ks=(1, 3))
     # a: ranked 1,2,3 (0 seen), targets {2,5}: hit at 2. b: ranked 2,4,1 (3 seen), target {4}: hit at 2.
     ndcg_a = (1 / math.log2(3)) / (1 + 1 / math.log2(3))

@@ -183,7 +183,7 @@ def _tiny_key(cfg: LLMConfig, titles: Sequence[str]) -> str:
 
 
 def _tokenizer_corpus(titles: Sequence[str]):
-    from engine.prompts import PROMPTS, TEMPLATE_HEADER, render_prompt
+    from engine.llm.bigrec.prompts import PROMPTS, TEMPLATE_HEADER, render_prompt
 
     # Template words and each preset's wording several times, so they become whole tokens.
     for cfg in PROMPTS.values():
