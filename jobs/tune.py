@@ -53,13 +53,12 @@ from engine.config import versions
 from engine.data.schema import (
     check_samples,
     parquet_rows,
-    read_id_column,
     read_items,
-    read_parquet,
     read_sample_rows,
     read_split,
 )
 from engine.errors import ConfigError, DataError, ResumeError, check
+from engine.scores import read_scores
 from engine.rundir import atomic_write_bytes, atomic_write_with, writable_problem
 from engine.selection import METHODS, REQUIRED_SCORES, SelectionConfig
 from jobs.finetune import add_llm_arguments, llm_config_from_args
@@ -103,31 +102,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # ---------------------------------------------------------------- driver-side inputs
-def read_scores(run_dir: Path, n: int) -> dict[str, np.ndarray]:
-    """The score arrays of a prune run, indexed by sample_id.
-
-    Raises:
-        DataError: missing file, missing sample_id, or ids that are not exactly 0..n-1.
-    """
-    p = run_dir / "scores.parquet"
-    if not p.exists():
-        raise DataError("scores.parquet not found; run `dealrec prune` first", path=p)
-    ids = read_id_column(p, "sample_id")
-    t = read_parquet(p)
-    order = np.argsort(ids, kind="stable")
-    if not np.array_equal(ids[order], np.arange(n)):
-        raise DataError(f"sample_id must cover 0..{n - 1} exactly once (the samples of --data)", path=p,
-                        field="sample_id")
-    out = {}
-    for c in ("influence", "effort", "grand", "el2n"):
-        if c in t.column_names:
-            col = t.column(c)
-            if not (pa.types.is_floating(col.type) or pa.types.is_integer(col.type)):
-                raise DataError(f"column has type {col.type}, expected numbers", path=p, field=c)
-            out[c] = np.asarray(col.to_numpy(zero_copy_only=False), dtype=np.float64)[order]
-    return out
-
-
 def check_args(args, n: int, scores: dict) -> tuple[list[int], list[str]]:
     """Validate the search space against the run (every problem at once).
 
