@@ -177,8 +177,8 @@ def test_entrypoints_name_existing_jobs_and_known_flags():
         argv = shlex.split(entry)
         assert argv[0] in ("python", "python3") and argv[1].startswith("jobs/"), f"{p.name}: entrypoint {entry!r}"
         commands.append((p.name, argv[1], argv[2:]))
-    # commands quoted in comments and READMEs must run too
-    for p in [*CLUSTER.rglob("*"), ROOT / "jobs" / "demo.sh", ROOT / "README.md"]:
+    # commands quoted in comments, the README and docs/ must run too
+    for p in [*CLUSTER.rglob("*"), ROOT / "jobs" / "demo.sh", ROOT / "README.md", *(ROOT / "docs").glob("*.md")]:
         if p.is_file() and p.suffix in (".yaml", ".yml", ".md", ".sh", "") and p.name != "Dockerfile":
             text = re.sub(r"\\\n\s*#?\s*", " ", p.read_text())
             for m in ENTRY_RE.finditer(text):
