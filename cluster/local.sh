@@ -31,7 +31,8 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 if [ -x "$ROOT/.venv/bin/ray" ]; then
   export PATH="$ROOT/.venv/bin:$PATH"
 fi
-# Token auth turns itself on once ~/.ray/auth_token exists (STACK.md); a local cluster
+# Token auth turns itself on once ~/.ray/auth_token exists
+# (docs/architecture.md#the-stack-checked-versions-and-traps); a local cluster
 # started by scripts and tests runs without it.
 export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
 export RAY_USAGE_STATS_ENABLED=0

@@ -1,6 +1,7 @@
 """Fine-tune the text-encoder recommender (MiniLM + LoRA) on a selected subset, then evaluate it.
 
-The accuracy path of DESIGN.md section 5 on machines without GPUs or causal-LM weights. A Ray
+The accuracy path of docs/architecture.md#the-llm-backend-protocol-and-the-registry on machines
+without GPUs or causal-LM weights. A Ray
 Train ``TorchTrainer`` runs one loop per data-parallel rank: it builds the encoder + LoRA
 (:func:`engine.llm.textrec.build_model`), wraps it with ``deepspeed.initialize`` (ZeRO-2 by
 default, fp32 + gloo on CPU, bf16-free: the encoder is small) or DDP

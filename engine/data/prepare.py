@@ -48,7 +48,7 @@ is an integer, else lexicographically), over the items that occur in the kept
 interactions; users are ordered the same way. Sorted raw ids make the ids independent
 of the split and of the rating threshold's effect on time order.
 
-Samples (DESIGN.md section 2): one per user with >= 1 training item; history = the
+Samples (docs/method.md#samples): one per user with >= 1 training item; history = the
 training items except the last (empty for a single training item), target = the last.
 Users with no training item cannot form a sample; they are dropped and counted
 (``dropped_users``), never given an invented target. Valid/test rows: history = all

@@ -8,7 +8,7 @@ A prepared folder holds::
     valid.parquet, test.parquet     user_id string, history list<int32>, targets list<int32>
     meta.json                       source, counts, what was dropped or filled
 
-One sample per user (DESIGN.md section 2): history = the user's training items in time
+One sample per user (docs/method.md#samples): history = the user's training items in time
 order except the last, target = the last. Samples are split over several Parquet files
 so that Ray Data reads them as several blocks.
 """

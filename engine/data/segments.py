@@ -1,7 +1,7 @@
 """Write users laid out as ``[train | valid | test]`` runs of a flat item array as samples + splits.
 
 Shared by every importer and the synthetic generator, so that the sample definition of
-DESIGN.md section 2 lives in one place: history = training items except the last,
+docs/method.md#samples lives in one place: history = training items except the last,
 target = the last training item; valid history = all training items, test history =
 training + valid items; users without training items get no sample (counted).
 """

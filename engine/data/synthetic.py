@@ -1,6 +1,6 @@
 """Seeded synthetic recommendation data with titles, from a tiny demo set to Book scale and beyond.
 
-The generator mimics what matters to DEALRec (see DESIGN.md section 2):
+The generator mimics what matters to DEALRec (see docs/method.md#samples):
 
 * **Catalogue.** Items belong to latent categories (``"Games > Racing"``); inside a
   category items form short *series* that share a title stem and are numbered

@@ -1,7 +1,7 @@
 """Surrogate sequential recommenders (SASRec, BERT4Rec) for the influence score.
 
 The surrogate is a small recommender trained on all n samples; its per-sample loss is
-what influence functions differentiate (DESIGN.md section 1).
+what influence functions differentiate (docs/method.md#influence).
 
 Token layout (shared by every surrogate): token 0 = padding, token 1 = BOS for SASRec
 (= [MASK] for BERT4Rec), token ``item_id + 2`` = item ``item_id`` (item ids are the dense

