@@ -55,7 +55,8 @@ def influence_scores(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], 
 class InfluenceConfig:
     """How the driver solves v = (H + damping I)^-1 g_bar for a surrogate (validated as a whole)."""
 
-    solver: str = field(default="cg", metadata={"help": "iHVP solver: 'cg', 'lissa' or 'exact' (tiny models only)"})
+    solver: str = field(default="cg", metadata={"help": "iHVP solver: 'cg', 'lissa', 'exact' (tiny models only) or 'identity' "
+                                                         "(v = g_bar: plain gradient alignment, no inverse Hessian)"})
     damping: float | None = field(
         default=None,
         metadata={"help": "damping = L2 weight of the objective; None = the surrogate's weight_decay"})
@@ -181,7 +182,7 @@ def compute_ihvp_streaming(model: nn.Module, chunks: Callable[[], Iterable[Any]]
         f"({time.perf_counter() - t0:.1f}s)")
     rows = hessian_rows(n, cfg)
     parts, start = [], 0
-    for chunk in chunks():
+    for chunk in (chunks() if cfg.solver != "identity" else ()):  # identity: v = g_bar, no Hessian
         m = _num_rows(chunk)
         if rows is None:
             parts.append(chunk)
@@ -190,9 +191,9 @@ def compute_ihvp_streaming(model: nn.Module, chunks: Callable[[], Iterable[Any]]
             if hi > lo:
                 parts.append(take_rows(chunk, rows[lo:hi] - start))
         start += m
-    hbatches = make_batches(_concat(parts), batch_size=cfg.batch_size, max_len=max_len, order="length")
+    hbatches = make_batches(_concat(parts), batch_size=cfg.batch_size, max_len=max_len, order="length") if parts else []
     opts = cfg.solver_options()
-    if cfg.solver != "exact":
+    if cfg.solver in ("cg", "lissa"):
         opts["log"] = log
     v, rep = solve_ihvp(model, surrogate_loss, hbatches, g_bar, solver=cfg.solver, damping=damping, **opts)
     log(f"[ihvp] {cfg.solver}: relative residual {rep.rel_residual:.3e} after {rep.iterations} iterations, "

@@ -16,7 +16,7 @@ from engine.errors import ConfigError, SolverError
 from engine.influence.hvp import _hvp_sum, hessian_vector_product
 from engine.influence.params import LossFn, _batch_len, _check_losses, _eval_mode, flatten_params, trainable_params
 
-SOLVERS = ("cg", "lissa", "exact")
+SOLVERS = ("cg", "lissa", "exact", "identity")
 
 
 @dataclass
@@ -250,7 +250,8 @@ def solve_ihvp(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], g_bar:
         solver: "cg" (exact HVPs by double backward; opts ``tol``=1e-6, ``max_iter``=200, ``log``),
             "lissa" (paper Algorithm 1; opts ``depth``=5000, ``scale``=25, ``hessian_batch_size``=1,
             ``repeats``=1, ``seed``, ``max_growth``, ``log``) or "exact" (dense Hessian and solve;
-            opt ``max_params``=20000; the test oracle).
+            opt ``max_params``=20000; the test oracle) or "identity" (v = g_bar, no Hessian: the
+            plain gradient alignment g_bar . grad L_s that the inverse Hessian is measured against).
         damping: >= 0; the L2 weight of the objective.
         gauss_newton: use the Gauss-Newton matrix instead of H (needs ``loss_fn.split``).
         hessian_batches: use only the first k batches for H (a fixed subsampled Hessian, for
@@ -268,6 +269,10 @@ def solve_ihvp(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], g_bar:
         raise ConfigError([f"solver={solver!r}: expected one of {SOLVERS}"], config="iHVP solver")
     if not (isinstance(damping, (int, float)) and damping >= 0 and math.isfinite(damping)):
         raise ConfigError([f"damping={damping!r}: must be a finite number >= 0"], config="iHVP solver")
+    if solver == "identity":  # plain gradient alignment: no Hessian, v = g_bar
+        _no_unknown(solver, {k: x for k, x in opts.items() if k != "log"})
+        return g_bar.detach().clone(), SolveReport(solver=solver, damping=float(damping), rel_residual=float("nan"),
+                                                   iterations=0, hvps=0, seconds=0.0, converged=True, extra={})
     batches = list(batches)
     hb = batches if hessian_batches is None else batches[:hessian_batches]
     if not hb:
