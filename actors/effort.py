@@ -1,31 +1,32 @@
-"""EffortScorer: a Ray Data callable class holding one LoRA LLM replica.
+"""EffortScorer: a Ray Data callable class holding one LLM replica of any registered backend.
 
-Usage::
+The actor only resolves its arguments (ObjectRefs, an items path) and calls the engine: the
+backend (:func:`engine.llm.get_backend`) builds the pretrained model with a fresh trainable LoRA
+(:meth:`~engine.llm.protocol.LLMBackend.build_model`) and scores each batch
+(:meth:`~engine.llm.protocol.LLMBackend.effort`: per-sample LoRA gradient norms, LoRA dropout
+off). Usage with :func:`actors.shards.score_shards` (or ``Dataset.map_batches``)::
 
     titles_ref = ray.put(titles)                      # broadcast once
-    ds.map_batches(
-        EffortScorer,
-        fn_constructor_args=(llm_cfg.to_dict(), "games", titles_ref),
-        fn_constructor_kwargs={"micro_batch_size": 16},
-        compute=ray.data.ActorPoolStrategy(size=n),
-        batch_size=256, num_cpus=1, num_gpus=1 if gpus else 0,
-    )
+    score_shards(files, out_dir, EffortScorer,
+                 constructor_args=("bigrec", {"llm": llm_cfg.to_dict(), "prompt": "games"}, titles_ref),
+                 # or ("textrec", {"config": TextRecConfig(model=...).to_dict()}, titles_ref)
+                 constructor_kwargs={"micro_batch_size": 16},
+                 output_columns=("sample_id", "effort"), batch_size=64, num_actors=n, num_cpus=1)
 
 Input batches carry ``sample_id``, ``history`` (item ids, oldest first) and ``target``; output
-rows are ``{"sample_id": int64, "effort": float64}`` in any order.
+rows are ``{"sample_id": int64, "effort": float64}``. Scores are those of the backend's engine
+function (:func:`engine.llm.bigrec.effort.score_effort_batch`,
+:func:`engine.llm.textrec.effort_scores`) on the same samples.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 
 import numpy as np
 import ray
 
-from engine.llm.bigrec.effort import score_effort_batch
-from engine.llm.bigrec.model import LLMConfig, load_llm
-from engine.llm.bigrec.prompts import PromptConfig, get_prompt_config
+from engine.llm import get_backend
 
 
 def _resolve_titles(arg) -> list[str]:
@@ -47,31 +48,32 @@ def _resolve_titles(arg) -> list[str]:
 
 
 class EffortScorer:
-    """Builds the LLM replica once (``__init__``) and scores batches (``__call__``).
+    """Builds the backend's LoRA model once (``__init__``) and scores batches (``__call__``).
 
     Args:
-        llm_cfg: LLMConfig or a dict of its fields (may be an ObjectRef).
-        prompt_cfg: PromptConfig, a dict of its fields, or a preset name (may be an ObjectRef).
+        backend_name: a key of :data:`engine.llm.BACKENDS` (``"bigrec"``, ``"textrec"``).
+        backend_options: the backend's keyword options (bigrec: ``llm=`` LLMConfig dict,
+            ``prompt=`` preset/dict; textrec: ``config=`` TextRecConfig dict); may be an ObjectRef.
         titles_ref_or_items_path: the titles list indexed by item id, an ObjectRef to it, or the
             path of an ``items.parquet`` (or of a prepared folder holding one).
         micro_batch_size: samples per forward/backward inside a batch.
+        threads: torch threads of this replica (0: leave torch's default).
     """
 
-    def __init__(self, llm_cfg: dict | LLMConfig, prompt_cfg: str | dict | PromptConfig,
-                 titles_ref_or_items_path, *, micro_batch_size: int = 16):
-        if isinstance(llm_cfg, ray.ObjectRef):
-            llm_cfg = ray.get(llm_cfg)
-        if isinstance(prompt_cfg, ray.ObjectRef):
-            prompt_cfg = ray.get(prompt_cfg)
-        self.llm_cfg = LLMConfig.from_dict(llm_cfg)
-        self.prompt_cfg = get_prompt_config(prompt_cfg)
-        self.titles = _resolve_titles(titles_ref_or_items_path)
+    def __init__(self, backend_name: str, backend_options: dict | None, titles_ref_or_items_path, *,
+                 micro_batch_size: int = 16, threads: int = 0):
+        if isinstance(backend_options, ray.ObjectRef):
+            backend_options = ray.get(backend_options)
+        if threads:
+            import torch
+
+            torch.set_num_threads(int(threads))
+        self.backend = get_backend(backend_name, _resolve_titles(titles_ref_or_items_path), **(backend_options or {}))
         self.micro_batch_size = int(micro_batch_size)
-        self.model, self.tokenizer = load_llm(self.llm_cfg, titles=self.titles, trainable=True)
+        self.model = self.backend.build_model()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ids = np.asarray(batch["sample_id"], dtype=np.int64)
-        histories: Sequence = batch["history"]
-        scores = score_effort_batch(self.model, self.tokenizer, self.titles, histories,
-                                    np.asarray(batch["target"]), self.prompt_cfg, self.micro_batch_size)
-        return {"sample_id": ids, "effort": scores.astype(np.float64)}
+        scores = self.backend.effort(self.model, ids, batch["history"], np.asarray(batch["target"]),
+                                     micro_batch=self.micro_batch_size)
+        return {"sample_id": ids, "effort": np.asarray(scores, dtype=np.float64)}

@@ -21,7 +21,7 @@ Commands:
     python benchmarks/scale.py --sizes 100000 --nodes 1 2 --scorer influence --output-columns sample_id influence
     # the effort stage (tiny LLM) on a subsample of 2 input shards, to extrapolate from:
     python benchmarks/scale.py --sizes 1000000 --nodes 1 2 --shards 2 --scorer actors.effort:EffortScorer \
-        --scorer-args '[{"model": "tiny", "cache_dir": "'$PWD'/.cache/dealrec"}, "generic", \
+        --scorer-args '["bigrec", {"llm": {"model": "tiny", "cache_dir": "'$PWD'/.cache/dealrec"}, "prompt": "generic"}, \
                         "runs/bench-scale/data-1000000-ipu8/items.parquet"]' --output-columns sample_id effort
     # any Ray Data callable class, built with --scorer-args (JSON list)
     python benchmarks/scale.py --sizes 100000 --nodes 1 2 --scorer actors.influence:InfluenceScorer \

@@ -17,7 +17,7 @@ scores; its BIGRec ``effort`` column is NOT used). Effort is this backend's own:
 LoRA gradient norm of the text encoder's batch-independent loss
 (:func:`engine.llm.textrec.effort_scores`), computed once for every candidate sample, in
 resumable chunks (``OUT/effort/``, in process) or with Ray (``--effort-backend ray``:
-:func:`actors.shards.score_shards` + :class:`actors.text_effort.TextEffortScorer`). It is
+:func:`actors.shards.score_shards` + :class:`actors.effort.EffortScorer` with the textrec backend). It is
 expensive on CPUs: the first chunk is timed and the projected total printed before the rest
 runs (``--effort-measure-only`` stops there).
 
@@ -423,7 +423,7 @@ def _effort_ray(cfg: BenchConfig, ecfg: dict, titles, ids, fp: str, log) -> np.n
     import ray
 
     from actors.shards import READ_CPUS, read_shards, score_shards
-    from actors.text_effort import TextEffortScorer
+    from actors.effort import EffortScorer
     from engine.data.schema import sample_files
     from jobs.ray_init import init_ray
 
@@ -432,7 +432,7 @@ def _effort_ray(cfg: BenchConfig, ecfg: dict, titles, ids, fp: str, log) -> np.n
     total = float(ray.cluster_resources().get("CPU", 1.0))
     per = max(0.05, min(1.0, (total - READ_CPUS) / cfg.effort_actors))
     d = Path(cfg.out) / "effort_shards"
-    score_shards(files, d, TextEffortScorer, constructor_args=(ecfg, ray.put(titles)),
+    score_shards(files, d, EffortScorer, constructor_args=("textrec", {"config": ecfg}, ray.put(titles)),
                  constructor_kwargs={"micro_batch_size": cfg.effort_micro_batch, "threads": max(1, int(per))},
                  output_columns=("sample_id", "effort"), batch_size=cfg.effort_chunk,
                  num_actors=cfg.effort_actors, num_cpus=per, progress=log, name="text-effort")

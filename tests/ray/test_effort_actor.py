@@ -1,5 +1,6 @@
-"""EffortScorer actor pool: same effort per sample_id for any pool size and batch size,
-equal to the engine's direct computation."""
+"""EffortScorer actor pool, for every backend: same effort per sample_id for any pool size and
+batch size, equal to the backend's engine function computed directly (bigrec:
+score_effort_batch; textrec: effort_scores)."""
 
 from __future__ import annotations
 
@@ -13,38 +14,71 @@ N = 40
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def samples():
+    rng = np.random.default_rng(0)
+    hist = [rng.integers(0, len(TITLES), rng.integers(0, 10)).astype(np.int32) for _ in range(N)]
+    tgt = rng.integers(0, len(TITLES), N).astype(np.int32)
+    return hist, tgt
+
+
+@pytest.fixture(scope="module")
+def bigrec(tmp_path_factory, samples):
+    """(backend options, direct scores) of the tiny BIGRec LLM."""
     from engine.llm.bigrec.effort import score_effort_batch
     from engine.llm.bigrec.model import LLMConfig, load_llm
     from engine.llm.bigrec.prompts import get_prompt_config
 
+    hist, tgt = samples
     cache = tmp_path_factory.getbasetemp() / "dealrec-cache"
     cfg = LLMConfig(cache_dir=str(cache), init_lora_weights=False, seed=2)
-    rng = np.random.default_rng(0)
-    hist = [rng.integers(0, len(TITLES), rng.integers(0, 10)).astype(np.int32) for _ in range(N)]
-    tgt = rng.integers(0, len(TITLES), N).astype(np.int32)
     model, tok = load_llm(cfg, titles=TITLES)  # builds the cached base once, before the actors start
     direct = score_effort_batch(model, tok, TITLES, hist, tgt, get_prompt_config("games"), micro_batch_size=8)
-    return cfg, hist, tgt, direct
+    return {"llm": cfg.to_dict(), "prompt": "games"}, direct
 
 
-@pytest.mark.parametrize("pool,batch_size", [(1, 7), (2, 16)])
-def test_pool_and_batch_size_do_not_change_scores(ray_cluster, setup, pool, batch_size):
+@pytest.fixture(scope="module")
+def textrec(tmp_path_factory, samples):
+    """(backend options, direct scores) of a tiny seeded BERT text encoder."""
+    from engine.llm import textrec as te
+
+    hist, tgt = samples
+    enc = te.build_tiny_encoder(tmp_path_factory.mktemp("enc"), TITLES + ["The user has purchased the following"])
+    cfg = te.TextRecConfig(model=str(enc), n_negatives=4, init_lora_weights=False, seed=1)
+    direct = te.effort_scores(te.build_model(cfg), TITLES, {"sample_id": np.arange(N), "history": hist,
+                                                             "target": tgt}, micro_batch=8)
+    return {"config": cfg.to_dict()}, direct
+
+
+@pytest.mark.parametrize("backend,pool,batch_size", [("bigrec", 1, 7), ("bigrec", 2, 16), ("textrec", 2, 16)])
+def test_pool_and_batch_size_do_not_change_scores(ray_cluster, samples, request, backend, pool, batch_size):
     ray = ray_cluster
     from actors.effort import EffortScorer
 
-    cfg, hist, tgt, direct = setup
+    hist, tgt = samples
+    options, direct = request.getfixturevalue(backend)
     rows = [{"sample_id": i, "history": hist[i], "target": int(tgt[i])} for i in range(N)]
     ds = ray.data.from_items(rows, override_num_blocks=4)
     out = ds.map_batches(
         EffortScorer,
-        fn_constructor_args=(cfg.to_dict(), "games", ray.put(TITLES)),
-        fn_constructor_kwargs={"micro_batch_size": 3},
+        fn_constructor_args=(backend, ray.put(options), ray.put(TITLES)),
+        fn_constructor_kwargs={"micro_batch_size": 3, "threads": 1},
         compute=ray.data.ActorPoolStrategy(size=pool),
         batch_size=batch_size,
         num_cpus=1,
     ).to_pandas()
     out = out.sort_values("sample_id")
     assert out["sample_id"].tolist() == list(range(N))
-    assert "double" in str(out["effort"].dtype) or out["effort"].dtype == np.float64
+    assert "double" in str(out["effort"].dtype) or out["effort"].dtype == np.float64  # pandas may be arrow-backed
     np.testing.assert_allclose(np.asarray(out["effort"], dtype=np.float64), direct, rtol=1e-4)
+
+
+def test_same_batch_is_bit_identical_to_the_engine(samples, bigrec, textrec):
+    """In process, on the batch the engine scored with the same micro-batching: bit-identical."""
+    from actors.effort import EffortScorer
+
+    hist, tgt = samples
+    batch = {"sample_id": np.arange(N), "history": hist, "target": tgt}
+    for name, (options, direct) in (("bigrec", bigrec), ("textrec", textrec)):
+        got = EffortScorer(name, options, TITLES, micro_batch_size=8)(dict(batch))
+        np.testing.assert_array_equal(got["sample_id"], np.arange(N))
+        np.testing.assert_array_equal(got["effort"], direct, err_msg=name)

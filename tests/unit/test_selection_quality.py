@@ -232,7 +232,7 @@ def test_finetune_config_reports_every_problem(tmp_path):
 
 
 def test_text_effort_scorer_matches_engine_any_micro_batch(tiny):
-    from actors.text_effort import TextEffortScorer
+    from actors.effort import EffortScorer
     from engine.data.schema import read_items, read_samples
 
     data, enc, _ = tiny
@@ -242,8 +242,8 @@ def test_text_effort_scorer_matches_engine_any_micro_batch(tiny):
     batch = {"sample_id": np.asarray(s.column("sample_id").to_pylist()),
              "history": np.asarray(s.column("history").to_pylist(), dtype=object),
              "target": np.asarray(s.column("target").to_pylist())}
-    a = TextEffortScorer(cfg.to_dict(), titles, micro_batch_size=5)(dict(batch))
-    b = TextEffortScorer(cfg.to_dict(), str(data), micro_batch_size=12)(dict(batch))
+    a = EffortScorer("textrec", {"config": cfg.to_dict()}, titles, micro_batch_size=5)(dict(batch))
+    b = EffortScorer("textrec", {"config": cfg.to_dict()}, str(data), micro_batch_size=12)(dict(batch))
     ref = te.effort_scores(te.build_model(cfg), te.Catalogue.from_titles(titles), s)
     np.testing.assert_array_equal(a["sample_id"], batch["sample_id"])
     np.testing.assert_allclose(a["effort"], ref, rtol=1e-4)

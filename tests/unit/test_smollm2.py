@@ -309,7 +309,8 @@ def test_the_jobs_take_it_by_name(smollm2, tmp_path):
     model, tok, base, _ = smollm2
     data = make_tiny_data(tmp_path / "data", n_users=12, n_items=20)
     titles = [f"{t} Deluxe" for t in TITLES]
-    actor = EffortScorer({"model": "smollm2", "cache_dir": str(CACHE), "init_lora_weights": False}, "games", titles,
+    actor = EffortScorer("bigrec", {"llm": {"model": "smollm2", "cache_dir": str(CACHE), "init_lora_weights": False},
+                                    "prompt": "games"}, titles,
                          micro_batch_size=2)
     batch = {"sample_id": np.array([7, 9, 11]), "history": [[0, 1], [2], [3, 4, 5]], "target": np.array([6, 7, 8])}
     got = actor(batch)
