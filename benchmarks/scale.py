@@ -6,7 +6,7 @@ it starts a ``ray.cluster_utils.Cluster`` (head with 0 CPUs + K worker nodes of
 --cpus-per-node CPUs), scores every sample with ``actors.shards.score_shards`` (one actor
 per node), and reports samples/s and the peak RSS of each scoring worker. The last line
 per size is the ratio of throughput with the largest K to the smallest, measured in the
-same run (STACK.md: this VM is noisy; compare ratios, not absolute numbers).
+same run (docs/results.md: this VM is noisy; compare ratios, not absolute numbers).
 
 On one 2-core machine K "nodes" share the same two cores: the ratio measures scheduling
 and data-movement overhead, not the speed-up of a real cluster, where each node brings
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.actor_cpus * args.actors_per_node > args.cpus_per_node - 1:
         # score_shards' read tasks ask for 1 CPU each: nodes whose actors leave less than
-        # one CPU free never run a read, and the run hangs without a message (STACK.md)
+        # one CPU free never run a read, and the run hangs without a message (docs/cluster.md)
         p.error(f"--actors-per-node x --actor-cpus ({args.actors_per_node} x {args.actor_cpus}) must leave "
                 f"1 CPU of --cpus-per-node ({args.cpus_per_node}) for the read tasks")
     work = Path(args.work)

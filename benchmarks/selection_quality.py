@@ -1,7 +1,8 @@
 """Selection quality: does fine-tuning on the selected few-shot subset beat a random subset?
 
 The question a user asks before adopting DEALRec (paper Table 2), answered with the
-text-encoder recommender (MiniLM + LoRA, DESIGN.md section 5), which needs no GPU. For a data
+text-encoder recommender (MiniLM + LoRA, docs/architecture.md#the-llm-backend-protocol-and-the-registry),
+which needs no GPU. For a data
 set, a budget and a list of seeds, every selector (random, grand, el2n, ccs, dealrec,
 influence-only, effort-only, greedy) picks a subset from the SAME scores; the encoder is
 fine-tuned on each subset (jobs/finetune_textrec.py: local, DDP or Ray Train + DeepSpeed) and
