@@ -14,6 +14,12 @@ Commands::
     dealrec prepare --format synthetic --out data/demo
     dealrec prepare --format synthetic --preset book --seed 0 --out data/synth-book
 
+    # two days of real data: the same input as of two cut-offs (same catalogue and user ids)
+    dealrec prepare --format recbole --input ../shared/data/movielens-100k --until 1998-03-01 --out data/ml-d0
+    dealrec prepare --format recbole --input ../shared/data/movielens-100k --until 1998-03-08 --out data/ml-d1
+    # no timestamps (the DEALRec release): a simulated yesterday of a prepared folder, seeded
+    dealrec prepare --format simulate-yesterday --input data/games --new-user-share 0.05 --seed 0 --out data/games-d0
+
     # tiny local variant (seconds)
     python -m jobs.cli prepare --format synthetic --users 200 --items 50 --out /tmp/dealrec-tiny
 
@@ -50,6 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--items", type=int, default=None, help=_HELP["items"])
     parser.add_argument("--interactions-per-user", type=float, default=None, help=_HELP["interactions_per_user"])
     parser.add_argument("--seed", type=int, default=0, help=_HELP["seed"])
+    parser.add_argument("--until", default=None, metavar="YYYY-MM-DD|UNIX_TS", help=_HELP["until"])
+    parser.add_argument("--new-user-share", type=float, default=None, help=_HELP["new_user_share"])
+    parser.add_argument("--changed-user-share", type=float, default=None, help=_HELP["changed_user_share"])
 
 
 def config_from_args(args: argparse.Namespace) -> PrepareConfig:
@@ -58,7 +67,8 @@ def config_from_args(args: argparse.Namespace) -> PrepareConfig:
         format=args.format, input=args.input, out=args.out, overwrite=args.overwrite, meta=args.meta,
         min_rating=args.min_rating, split=args.split, split_ratio=tuple(args.split_ratio) if args.split_ratio else None,
         rows_per_file=args.rows_per_file, preset=args.preset, users=args.users, items=args.items,
-        interactions_per_user=args.interactions_per_user, seed=args.seed,
+        interactions_per_user=args.interactions_per_user, seed=args.seed, until=args.until,
+        new_user_share=args.new_user_share, changed_user_share=args.changed_user_share,
     )
 
 
@@ -79,6 +89,15 @@ def format_summary(summary: dict) -> str:
         lines.append(f"  interactions read {c['interactions_read']:,}, kept {c['interactions_kept']:,} "
                      f"(min_rating {summary['config']['min_rating']}); users with none kept "
                      f"{c.get('users_filtered_out', 0):,}")
+    if "until" in summary:
+        u = summary["until"]
+        lines.append(f"  until {u['value']}: kept {u['rule']}; dropped {c.get('interactions_after_until', 0):,} later "
+                     f"interactions; catalogue items not seen yet {c.get('items_unseen_until', 0):,}")
+    if "simulation" in summary:
+        sim = summary["simulation"]
+        lines.append(f"  simulated yesterday of {sim['today']['path']}: {sim['held_back_users']:,} users held back "
+                     f"(share {sim['new_user_share']}); last training item removed for "
+                     f"{c.get('changed_users', 0):,} users, {c.get('unchanged_users', 0):,} unchanged")
     if summary.get("seed") is not None:
         lines.append(f"  seed {summary['seed']}")
     return "\n".join(lines)

@@ -1,6 +1,7 @@
 """Importers: raw recommendation data -> the canonical Parquet folder of :mod:`engine.data.schema`.
 
-``prepare(PrepareConfig(format=..., input=..., out=...))`` reads one of four sources and
+``prepare(PrepareConfig(format=..., input=..., out=...))`` reads one of four sources (or a
+prepared folder, for a simulated previous day) and
 writes ``samples/``, ``items.parquet``, ``valid.parquet``, ``test.parquet`` and ``meta.json``
 into ``out`` atomically (a failure leaves nothing at ``out``):
 
@@ -31,6 +32,28 @@ into ``out`` atomically (a failure leaves nothing at ``out``):
 ``synthetic``
     The seeded generator of :mod:`engine.data.synthetic` (demo size by default, Book
     scale with ``--preset book``).
+``simulate-yesterday``
+    A simulated previous day of a prepared folder (``--input PREPARED``), for data without
+    timestamps (the DEALRec release): see :mod:`engine.data.simulate`. Every user's training
+    sequence loses its last item (that sample's target becomes the old last history item,
+    its history one shorter), and a seeded share ``--new-user-share`` (default 0.05) of the
+    users with a sample is held back (they appear only today); ``--changed-user-share``
+    (default 1) < 1 shortens only that share of the others (the rest are unchanged, like
+    users who did nothing today). Same catalogue, same user ids.
+
+Days from real data (``--until``, recbole and amazon only): interactions after the cut-off
+are dropped before anything else (rating filter, split, id indexing), so the folder is the
+data set as of that date. ``--until YYYY-MM-DD`` keeps every interaction up to the end of
+that day, UTC (``timestamp < `` the next midnight, in unix seconds); ``--until T`` (a
+number) keeps ``timestamp <= T``, compared with the file's timestamps as they are (unix
+seconds for MovieLens and Amazon). The catalogue (item ids, titles) is that of the whole
+input after the rating filter, not only of the items seen by the cut-off: two cut-offs of
+one input (and the input prepared without ``--until``) then share item ids, so their
+samples are comparable (:mod:`engine.samplekey`); items with no interaction by the cut-off
+are counted in ``counts.items_unseen_until``. meta.json records ``until`` (the value, the
+rule applied, the last kept timestamp) and ``counts.interactions_after_until``. A cut-off
+before every interaction, a malformed value, or ``--until`` with a format without
+timestamps is a :class:`engine.errors.ConfigError` naming ``until`` and the value.
 
 Splitting (recbole, amazon) follows the paper: interactions with a rating below
 ``min_rating`` (default 4; 0 keeps all) are dropped, all remaining interactions are
@@ -77,6 +100,7 @@ from __future__ import annotations
 import ast
 import csv
 import dataclasses
+import datetime as _dt
 import gzip
 import io
 import json
@@ -97,13 +121,20 @@ from engine.data.synthetic import generate_synthetic
 from engine.errors import ConfigError, DataError, check
 from engine.rundir import writable_problem
 
-__all__ = ["FORMATS", "PRESETS", "PrepareConfig", "prepare", "placeholder_title"]
+__all__ = ["FORMATS", "PRESETS", "PrepareConfig", "parse_until", "prepare", "placeholder_title"]
 
-FORMATS = ("dealrec-release", "recbole", "amazon", "synthetic")
+FORMATS = ("dealrec-release", "recbole", "amazon", "synthetic", "simulate-yesterday")
 SPLIT_MODES = ("global", "user")
 #: The formats read from rated, timestamped interactions: they take --min-rating and --split.
 RATED_FORMATS = ("recbole", "amazon")
 DEFAULT_SPLIT_RATIO = (0.8, 0.1, 0.1)
+#: The formats whose input carries timestamps: they take --until.
+TIMESTAMPED_FORMATS = RATED_FORMATS
+#: Formats that come split (or derive from a split folder): they refuse --split-ratio.
+PRESPLIT_FORMATS = ("dealrec-release", "simulate-yesterday")
+DEFAULT_NEW_USER_SHARE = 0.05
+_DATE_RE = re.compile(r"\d{4}-\d{2}-\d{2}")
+_NUMBER_RE = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
 #: Synthetic size presets: users, items, mean interactions per user.
 PRESETS: dict[str, dict[str, float]] = {
     # Small enough that the whole demo pipeline with a tiny LLM runs in minutes on 2 cores.
@@ -111,6 +142,50 @@ PRESETS: dict[str, dict[str, float]] = {
     # Amazon Books as prepared by DEALRec: 88,263 users, 86,272 items, 5,303,707 interactions.
     "book": {"users": 88263, "items": 86272, "interactions_per_user": 5303707 / 88263},
 }
+
+
+def parse_until(value: object) -> tuple[float, bool, str]:
+    """A ``--until`` value -> (bound, inclusive, the rule in words).
+
+    ``YYYY-MM-DD``: the end of that day, UTC: keep ``timestamp < bound`` (bound = the next
+    midnight in unix seconds). A number (unix timestamp, int/float or its text): keep
+    ``timestamp <= bound``.
+
+    Raises:
+        ValueError: neither form (the message says why, without the field name).
+    """
+    if isinstance(value, bool):
+        raise ValueError("expected a date YYYY-MM-DD or a unix timestamp, not a boolean")
+    if isinstance(value, (int, float)):
+        v = float(value)
+    else:
+        text = str(value).strip()
+        if _DATE_RE.fullmatch(text):
+            try:
+                day = _dt.date.fromisoformat(text)
+            except ValueError as e:
+                raise ValueError(f"not a valid date ({e})") from None
+            end = _dt.datetime.combine(day + _dt.timedelta(days=1), _dt.time(), tzinfo=_dt.timezone.utc)
+            bound = end.timestamp()
+            return bound, False, (f"timestamp < {bound:.0f} (the end of {text} UTC, "
+                                  f"{end.strftime('%Y-%m-%dT%H:%M:%SZ')})")
+        if not _NUMBER_RE.fullmatch(text):
+            raise ValueError("expected a date YYYY-MM-DD (the end of that day, UTC) or a unix timestamp in seconds")
+        v = float(text)
+    if not math.isfinite(v):
+        raise ValueError("the timestamp must be a finite number")
+    return v, True, f"timestamp <= {v:g}"
+
+
+def _fmt_time(t: float) -> str:
+    """A timestamp for messages: the number and, where it is plausible unix seconds, the UTC time."""
+    try:
+        if 0 <= t < 4e9:
+            when = _dt.datetime.fromtimestamp(t, tz=_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+            return f"{t:.0f} ({when})"
+    except (OverflowError, OSError, ValueError):
+        pass
+    return f"{t:g}"
 
 
 def placeholder_title(item_id: int) -> str:
@@ -159,7 +234,25 @@ class PrepareConfig:
     interactions_per_user: float | None = field(
         default=None, metadata={"help": "synthetic: mean interactions per user (overrides the preset)"}
     )
-    seed: int = field(default=0, metadata={"help": "synthetic: random seed; the same seed gives identical files"})
+    seed: int = field(default=0, metadata={"help": "synthetic, simulate-yesterday: random seed; the same seed gives "
+                                                   "identical files"})
+    until: str | None = field(
+        default=None,
+        metadata={"help": "recbole/amazon: prepare the data as of this cut-off: a date YYYY-MM-DD (keeps "
+                          "interactions up to the end of that day, UTC) or a unix timestamp (keeps timestamp <= "
+                          "it); later interactions are dropped before filtering and splitting, the catalogue "
+                          "stays that of the whole input"},
+    )
+    new_user_share: float | None = field(
+        default=None,
+        metadata={"help": "simulate-yesterday: share of the users with a sample held back (absent yesterday, "
+                          f"new today), chosen with --seed (default {DEFAULT_NEW_USER_SHARE})"},
+    )
+    changed_user_share: float | None = field(
+        default=None,
+        metadata={"help": "simulate-yesterday: share of the other users whose last training item is removed "
+                          "(default 1: every user; below 1 the rest stay unchanged, as users idle today)"},
+    )
 
     def __post_init__(self) -> None:
         if self.split_ratio is not None:
@@ -167,8 +260,11 @@ class PrepareConfig:
         self.validate()
         # The defaults of the options this format uses; None stays None where a format ignores one
         # (an option given to a format that ignores it was refused above, not silently recorded).
-        if self.format != "dealrec-release" and self.split_ratio is None:
+        if self.format not in PRESPLIT_FORMATS and self.split_ratio is None:
             self.split_ratio = DEFAULT_SPLIT_RATIO
+        if self.format == "simulate-yesterday":
+            self.new_user_share = DEFAULT_NEW_USER_SHARE if self.new_user_share is None else self.new_user_share
+            self.changed_user_share = 1.0 if self.changed_user_share is None else self.changed_user_share
         if self.format in RATED_FORMATS:
             self.split = self.split or "global"
             self.min_rating = 4.0 if self.min_rating is None else self.min_rating
@@ -210,6 +306,38 @@ class PrepareConfig:
         check(p, self.format != "dealrec-release" or self.split_ratio is None,
               f"split_ratio={self.split_ratio!r}: the dealrec-release layout comes split (sequential_valid.txt, "
               "sequential_test.txt) and is taken as given; drop --split-ratio")
+        check(p, self.format != "simulate-yesterday" or self.split_ratio is None,
+              f"split_ratio={self.split_ratio!r}: simulate-yesterday keeps the split of its --input folder; "
+              "drop --split-ratio")
+        if self.until is not None:
+            if self.format in FORMATS and self.format not in TIMESTAMPED_FORMATS:
+                why = {"dealrec-release": "the dealrec-release layout has no timestamps; simulate a previous day "
+                                          "with --format simulate-yesterday --input PREPARED",
+                       "synthetic": "synthetic data has no timestamps",
+                       "simulate-yesterday": "a prepared folder has no timestamps; prepare the raw data with "
+                                             "--until instead"}[self.format]
+                p.append(f"until={self.until!r}: --until only applies to the timestamped formats "
+                         f"{' and '.join(TIMESTAMPED_FORMATS)}; {why}")
+            else:
+                try:
+                    parse_until(self.until)
+                except ValueError as e:
+                    p.append(f"until={self.until!r}: {e}")
+        if self.format == "simulate-yesterday":
+            if self.input and Path(self.input).is_dir() and not (Path(self.input) / "meta.json").is_file():
+                p.append(f"input={self.input!r}: not a prepared dealrec folder (no meta.json); prepare it first, "
+                         "e.g. `dealrec prepare --format dealrec-release --input ../shared/data/games --out DIR`")
+            elif self.input and Path(self.input).exists() and not Path(self.input).is_dir():
+                p.append(f"input={self.input!r}: simulate-yesterday reads a prepared folder, not a file")
+        else:
+            for name in ("new_user_share", "changed_user_share"):
+                check(p, getattr(self, name) is None, f"{name}={getattr(self, name)!r}: --{name.replace('_', '-')} "
+                                                      "only applies to --format simulate-yesterday")
+        for name, hi_ok in (("new_user_share", False), ("changed_user_share", True)):
+            v = getattr(self, name)
+            check(p, v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                                   and 0 <= v and (v <= 1 if hi_ok else v < 1)),
+                  f"{name}={v!r}: must be a number in [0, {'1]' if hi_ok else '1)'}")
         check(p, self.min_rating is None or (math.isfinite(self.min_rating) and self.min_rating >= 0),
               f"min_rating={self.min_rating!r}: must be a number >= 0 (0 keeps every rating)")
         check(p, self.split is None or self.split in SPLIT_MODES,
@@ -248,6 +376,10 @@ class PrepareConfig:
         d = dataclasses.asdict(self)
         d.pop("out")
         d.pop("overwrite")
+        # recorded only where used, so that the meta.json of every other folder stays as it was
+        for k in ("until", "new_user_share", "changed_user_share"):
+            if d[k] is None:
+                d.pop(k)
         d["split_ratio"] = None if self.split_ratio is None else list(self.split_ratio)
         return d
 
@@ -275,6 +407,12 @@ def prepare(cfg: PrepareConfig) -> dict:
             meta = _import_recbole(cfg, tmp)
         elif cfg.format == "amazon":
             meta = _import_amazon(cfg, tmp)
+        elif cfg.format == "simulate-yesterday":
+            from engine.data.simulate import simulate_yesterday
+
+            meta = simulate_yesterday(Path(cfg.input), tmp, new_user_share=float(cfg.new_user_share),
+                                      changed_user_share=float(cfg.changed_user_share), seed=cfg.seed,
+                                      rows_per_file=cfg.rows_per_file, header=_meta_header(cfg))
         else:
             preset, users, items, ipu = cfg.synthetic_sizes()
             meta = generate_synthetic(
@@ -497,19 +635,37 @@ def _from_interactions(
     source: Path,
     extra: dict | None = None,
 ) -> dict:
-    """Filter by rating, split by time (global or per user), index ids and write the folder."""
+    """Cut at --until, filter by rating, split by time (global or per user), index ids and write the folder."""
     n_raw = len(users)
-    n_users_raw = len(np.unique(users.astype(str))) if n_raw else 0
-    if ratings is not None and cfg.min_rating > 0:
-        keep = ratings >= cfg.min_rating
-        users, items, times = users[keep], items[keep], times[keep]
-    if len(users) == 0:
+    in_time = np.ones(n_raw, bool)
+    until = None
+    if cfg.until is not None:
+        bound, inclusive, rule = parse_until(cfg.until)
+        in_time = times <= bound if inclusive else times < bound
+        if not in_time.any():
+            raise ConfigError([f"until={cfg.until!r}: before every interaction of {str(source)!r} (the first is at "
+                               f"{_fmt_time(float(times.min()))}; keeping {rule}); nothing would be prepared, "
+                               "choose a later cut-off"], config="PrepareConfig")
+        until = {"value": cfg.until, "rule": rule, "bound": bound, "inclusive": inclusive,
+                 "catalogue": "items of the whole input after the rating filter (cut-offs of one input share ids)"}
+    n_users_raw = len(np.unique(users[in_time].astype(str))) if n_raw else 0
+    rated = np.ones(n_raw, bool) if ratings is None or cfg.min_rating <= 0 else ratings >= cfg.min_rating
+    if not rated.any():
         raise DataError(f"no interactions left after dropping ratings below {cfg.min_rating} "
                         f"({n_raw} read); lower --min-rating", path=source, field="rating")
+    # The catalogue: every rated item of the input, whatever the cut-off (see the module docstring).
+    item_raw, item_code = _raw_order(items[rated])
+    keep = in_time[rated]
+    users, item_code, times = users[rated][keep], item_code[keep], times[rated][keep]
+    if len(users) == 0:
+        raise ConfigError([f"until={cfg.until!r}: no interaction rated >= {cfg.min_rating} of {str(source)!r} "
+                           f"is on or before it ({until['rule']}); choose a later cut-off or lower --min-rating"],
+                          config="PrepareConfig")
+    if until is not None:
+        until["last_kept_timestamp"] = float(times.max())
     order = np.argsort(times, kind="stable")  # ties keep file order
-    users, items = users[order], items[order]
+    users, item_code = users[order], item_code[order]
     n = len(users)
-    item_raw, item_code = _raw_order(items)
     user_raw, user_code = _raw_order(users)
     # Group by user, keeping time order inside each user (stable sort on time-sorted rows).
     by_user = np.argsort(user_code, kind="stable")
@@ -535,6 +691,10 @@ def _from_interactions(
     counts["users_filtered_out"] = n_users_raw - len(user_raw)
     counts["interactions_read"] = n_raw
     counts["interactions_kept"] = n
+    if until is not None:
+        counts["interactions_after_until"] = int(n_raw - in_time.sum())
+        counts["items_unseen_until"] = int(len(item_raw) - np.unique(item_code).size)
+        extra = {**(extra or {}), "until": until}
     title_by_id = {i: titles.get(r) for i, r in enumerate(item_raw) if titles.get(r) is not None}
     title_list, filled = _fill_titles(len(item_raw), title_by_id)  # type: ignore[arg-type]
     counts["placeholder_titles"] = filled

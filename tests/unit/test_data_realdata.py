@@ -110,3 +110,18 @@ def test_movielens_counts(movielens_dir, tmp_path, min_rating, mode):
     if mode == "global" and min_rating == 4:
         # the paper's protocol: fewer samples than users, many users only in the last 20% of time
         assert got["samples"] < 943 and summary["counts"]["dropped_users"] > 0
+
+
+def test_games_simulated_yesterday(games, tmp_path):
+    """The DEALRec release has no timestamps: a seeded simulated yesterday of it (#21 item 3)."""
+    out, _ = games
+    y = tmp_path / "yesterday"
+    s = prepare(PrepareConfig(format="simulate-yesterday", input=str(out), out=str(y), seed=0))
+    c = s["counts"]
+    assert c["users_today"] == 49156 and c["held_back_users"] == 2458  # round(0.05 * 49156)
+    assert c["samples"] == 49156 - 2458 - c["dropped_users"] and c["dropped_users"] > 0
+    assert (out / "items.parquet").read_bytes() == (y / "items.parquet").read_bytes()
+    today = {r["user_id"]: r for r in read_samples(out).to_pylist()}
+    for r in read_samples(y).to_pylist()[::101]:
+        assert r["history"] + [r["target"]] == today[r["user_id"]]["history"]
+    validate_prepared(y)
