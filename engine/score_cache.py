@@ -26,6 +26,11 @@ duplicate with a different value is counted as a conflict (effort at a fixed LLM
 bit-identical, so a conflict means the scorer is not deterministic). Non-finite scores are
 refused, never cached.
 
+The index is in memory, sorted by key (32 bytes a row with one score column): on this
+machine, building a 1M-row cache by 100 adds of 10k took 2.1 CPU-s, opening it (100 part
+files) 1.1 CPU-s, and looking up 1M keys 1.0 CPU-s. :meth:`ScoreCache.compact` merges the
+part files of many small adds into one.
+
 Usage::
 
     cache = ScoreCache(root, {"backend": "bigrec", "llm": ..., "prompt": ..., "catalogue": catalogue_key(data)})
@@ -243,30 +248,47 @@ class ScoreCache:
         self.load_conflicts += self._merge(k["hi"], k["lo"], v)[2]
         return len(new)
 
+    def _search(self, qh: np.ndarray, ql: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For each query key: its position in the sorted index (where it is, or where it would
+        be inserted to keep (hi, lo) order) and whether it is there."""
+        pos = np.searchsorted(self._hi, qh, side="left")
+        right = np.searchsorted(self._hi, qh, side="right")
+        found = np.zeros(qh.size, bool)
+        one = right - pos == 1
+        found[one] = self._lo[pos[one]] == ql[one]
+        pos[one] += (self._lo[pos[one]] < ql[one])  # not found: before or after the one with equal hi
+        # several cached keys share this hi (~2**-64 per pair): they are sorted by lo
+        for i in np.flatnonzero(right - pos > 1):
+            j = pos[i] + int(np.searchsorted(self._lo[pos[i]:right[i]], ql[i]))
+            pos[i], found[i] = j, bool(j < right[i] and self._lo[j] == ql[i])
+        return pos, found
+
     def _merge(self, hi: np.ndarray, lo: np.ndarray, vals: np.ndarray) -> tuple[np.ndarray, int, int, int]:
-        """Merge rows into the in-memory index, first wins (existing rows first, then row order).
-        Returns (the mask of rows that were new, already cached, repeated in the batch, conflicts)."""
-        n_old = self._hi.size
-        all_hi = np.concatenate([self._hi, hi])
-        all_lo = np.concatenate([self._lo, lo])
-        order = np.lexsort((all_lo, all_hi))  # stable: earlier rows first among equals
-        s_hi, s_lo = all_hi[order], all_lo[order]
+        """Merge rows into the sorted in-memory index, first wins (cached rows, then row order);
+        O(batch log batch + index) per call. Returns (the mask of rows that were new, how many
+        were cached already, repeated in the batch, and conflicts: skipped with another value)."""
+        order = np.lexsort((lo, hi))  # stable: earlier rows first among equal keys
+        s_hi, s_lo = hi[order], lo[order]
         first = np.ones(order.size, bool)
         first[1:] = (s_hi[1:] != s_hi[:-1]) | (s_lo[1:] != s_lo[:-1])
-        all_vals = np.concatenate([self._vals, vals])
-        # each row's winner: the first row of its run of equal keys
         run_start = np.maximum.accumulate(np.where(first, np.arange(order.size), 0))
-        winner = order[run_start]
-        dup = ~first
-        dup_rows = order[dup]
-        conflicts = int(np.sum(~_same(all_vals[dup_rows], all_vals[winner[dup]]))) if dup_rows.size else 0
+        rep = ~first
+        conflicts = int(np.sum(~_same(vals[order[rep]], vals[order[run_start[rep]]]))) if rep.any() else 0
+        cand = order[first]  # the first row of each distinct key, in key order
+        pos, found = self._search(hi[cand], lo[cand])
+        if found.any():
+            conflicts += int(np.sum(~_same(vals[cand[found]], self._vals[pos[found]])))
+        new_rows = cand[~found]
         new_mask = np.zeros(hi.size, bool)
-        kept = order[first]
-        new_mask[kept[kept >= n_old] - n_old] = True
-        already = int(np.sum(winner[dup] < n_old))
-        repeated = int(dup.sum()) - already
-        self._hi, self._lo, self._vals = s_hi[first], s_lo[first], all_vals[kept]
-        return new_mask, already, repeated, conflicts
+        new_mask[new_rows] = True
+        if new_rows.size:
+            at = pos[~found]
+            self._hi = np.insert(self._hi, at, hi[new_rows])
+            self._lo = np.insert(self._lo, at, lo[new_rows])
+            self._vals = np.insert(self._vals, at, vals[new_rows], axis=0)
+        # repeats of a key that was cached count as already cached; repeats of a new key as repeated
+        rep_cached = int(np.isin(order[run_start[rep]], cand[found]).sum()) if rep.any() else 0
+        return new_mask, int(found.sum()) + rep_cached, int(rep.sum()) - rep_cached, conflicts
 
     def __len__(self) -> int:
         return int(self._hi.size)
@@ -274,26 +296,29 @@ class ScoreCache:
     def lookup(self, keys: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """The cached scores of ``keys``: ({column: float64 [n], NaN where missing}, found bool [n])."""
         q = np.asarray(keys, dtype=KEY_DTYPE).reshape(-1)
-        qh, ql = q["hi"], q["lo"]
-        pos = np.searchsorted(self._hi, qh, side="left")
-        found = np.zeros(q.size, bool)
-        at = np.minimum(pos, max(self._hi.size - 1, 0))
-        if self._hi.size:
-            found = (self._hi[at] == qh) & (self._lo[at] == ql)
-            # hi collisions (two cached keys with the same hi, ~2**-64 per pair): sorted by lo
-            # within equal hi, so search the run of equal hi for the rest
-            right = np.searchsorted(self._hi, qh, side="right")
-            for i in np.flatnonzero(~found & (right - pos > 1)):
-                j = pos[i] + int(np.searchsorted(self._lo[pos[i]:right[i]], ql[i]))
-                if j < right[i] and self._lo[j] == ql[i]:
-                    at[i], found[i] = j, True
+        pos, found = self._search(q["hi"], q["lo"])
         out = {}
         for j, c in enumerate(self.columns):
             v = np.full(q.size, np.nan)
-            if self._hi.size:
-                v[found] = self._vals[at[found], j]
+            v[found] = self._vals[pos[found], j]
             out[c] = v
         return out, found
+
+    def compact(self) -> int:
+        """Rewrite the part files read so far as one file (atomically, then delete them); for a
+        cache grown by many small adds. Safe beside writers: files written since are kept.
+        Returns the number of files replaced."""
+        self.refresh()
+        old = [p for p in self.part_files() if p.name in self._loaded]
+        if len(old) <= 1:
+            return 0
+        keys = np.empty(len(self), dtype=KEY_DTYPE)
+        keys["hi"], keys["lo"] = self._hi, self._lo
+        self._write_part(keys, self._vals)
+        for p in old:
+            p.unlink(missing_ok=True)
+            self._loaded.discard(p.name)
+        return len(old)
 
     # ---- writing -------------------------------------------------------------------------
     def _values_matrix(self, values: Any, n: int) -> np.ndarray:

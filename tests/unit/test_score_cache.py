@@ -178,3 +178,33 @@ def test_catalogue_key_follows_titles(tmp_path):
     t = pa.Table.from_pydict({"item_id": [0, 1], "title": ["A", "B"], "category": [None, "x"]}, schema=ITEMS_SCHEMA)
     t2 = pa.Table.from_pydict({"item_id": [0, 1], "title": ["A", "B2"], "category": [None, "x"]}, schema=ITEMS_SCHEMA)
     assert catalogue_key(t) == catalogue_key(t.select(["item_id", "title", "category"])) != catalogue_key(t2)
+
+
+def test_many_adds_agree_with_a_dict(tmp_path):
+    """Random overlapping batches (with shared 64-bit high halves) against a first-wins dict."""
+    rng = np.random.default_rng(1)
+    pool = np.zeros(400, KEY_DTYPE)
+    pool["hi"] = rng.integers(0, 40, 400)  # many keys share a high half
+    pool["lo"] = rng.integers(0, 2**63, 400, dtype=np.uint64)
+    c = ScoreCache(tmp_path, CFG)
+    ref: dict = {}
+    for _ in range(30):
+        idx = rng.integers(0, 400, rng.integers(0, 40))
+        vals = rng.random(idx.size)
+        r = c.add(pool[idx], vals)
+        fresh = 0
+        for i, v in zip(idx.tolist(), vals.tolist()):
+            if pool[i].tobytes() not in ref:
+                ref[pool[i].tobytes()] = v
+                fresh += 1
+        assert r.written == fresh and r.written + r.already_cached + r.repeated_in_batch == idx.size
+    for cache in (c, ScoreCache(tmp_path, CFG)):
+        v, f = cache.lookup(pool)
+        assert f.tolist() == [k.tobytes() in ref for k in pool]
+        assert v["effort"][f].tolist() == [ref[k.tobytes()] for k in pool[f]]
+        assert len(cache) == len(ref)
+    # compaction: one file, same content, safe to reopen
+    n_files = len(c.part_files())
+    assert c.compact() == n_files and len(c.part_files()) == 1
+    v2, f2 = ScoreCache(tmp_path, CFG).lookup(pool)
+    assert (f2 == f).all() and np.array_equal(v2["effort"][f2], v["effort"][f])
