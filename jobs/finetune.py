@@ -1,15 +1,25 @@
-"""Few-shot LoRA fine-tune of the BIGRec LLM on a selected subset: Ray Train + DeepSpeed.
+"""Few-shot LoRA fine-tune of an LLM backend on a selected subset: in process, DDP or DeepSpeed.
 
-A ``TorchTrainer`` runs one worker loop per data-parallel rank: it loads the base LLM and
-LoRA (engine.llm.bigrec.model), wraps it with ``deepspeed.initialize`` (ZeRO-2 by default; ZeRO-3 and
-CPU offload selectable; bf16 + NCCL on GPU, fp32 + gloo on CPU) or, with
-``--strategy ddp``, with ``ray.train.torch.prepare_model``, and trains on the selected
-samples. Every epoch it reports a Ray Train checkpoint (LoRA + optimiser state, the
-training state and the best adapter so far); a rerun with the same ``--out`` resumes
-from the latest one. Early stopping on the validation loss (valid users: history ->
-first valid target). Outputs in OUT: ``adapter/`` (best epoch, peft ``save_pretrained``
-format), ``finetune.json`` (config, per-epoch losses, wall time, steps, samples/s,
-per-rank LoRA checksums), ``ray_train/`` (Ray Train run and checkpoints).
+ONE loop (:func:`engine.finetune.train`) over the backend protocol, for every backend
+(``--backend bigrec``: LoRA on a causal LM, BIGRec's prompt and token-mean loss; ``--backend
+textrec``: the MiniLM text encoder + LoRA, in-batch softmax with the item embeddings of every rank
+gathered) and every strategy: ``--strategy local`` runs it in this process without Ray (fastest on
+a few cores); ``ddp`` and ``deepspeed`` run it as the per-worker function of a Ray Train
+``TorchTrainer`` (DDP through ``ray.train.torch.prepare_model``; DeepSpeed ZeRO-2 by default,
+ZeRO-3 and CPU offload selectable; bf16 + NCCL on GPU, fp32 + gloo on CPU). Local, DDP and
+DeepSpeed runs of one config train the same adapter up to float rounding (with dropout 0).
+
+Every epoch writes a checkpoint (LoRA + optimiser state, the training state and the best adapter
+so far: Ray Train's in OUT/ray_train, the local run's in OUT/checkpoints); a rerun with the same
+``--out`` resumes from the latest one, a finished run is not trained again, and a run of another
+config is refused unless ``--overwrite``. Early stopping on the validation loss (valid users:
+history -> first valid target; the backend's batch-independent per-sample loss).
+
+Outputs in OUT: ``adapter/`` (best epoch, peft ``save_pretrained`` format), ``finetune.json``
+(config, backend, per-epoch losses, wall time, steps, samples/s, per-rank LoRA checksums),
+``finetune_config.json`` (config + fingerprint), and with ``--split valid|test`` (textrec)
+``metrics.json`` + ``per_user.npz`` (Recall/NDCG@K of the adapter; re-evaluated, never retrained,
+when only the evaluation options change).
 
 On a cluster (the data folder and OUT must be on storage every node sees)::
 
@@ -17,11 +27,18 @@ On a cluster (the data folder and OUT must be on storage every node sees)::
         --selected /shared/runs/games/selected.parquet --out /shared/runs/games/ft \\
         --model /models/llama-7b --workers 4 --batch-size 128 --micro-batch 4 --epochs 50 \\
         --prompt games
+    ray job submit --working-dir . -- python jobs/finetune.py --backend textrec --data /shared/games \\
+        --selected /shared/runs/games/selected.parquet --out /shared/runs/games/textrec \\
+        --strategy deepspeed --workers 4 --batch-size 32 --split test
 
-Tiny local variant (CPU, tiny LLaMA built from the catalogue, 2 DeepSpeed workers)::
+Tiny local variants (CPU; tiny LLaMA built from the catalogue; MiniLM from its wheel)::
 
-    python jobs/finetune.py --data /tmp/games --all --out /tmp/ft --workers 2 \\
+    python jobs/finetune.py --data /tmp/games --all --out /tmp/ft --strategy local \\
         --batch-size 8 --micro-batch 2 --epochs 2 --prompt games
+    python jobs/finetune.py --data /tmp/games --all --out /tmp/ft-ds --workers 2 \\
+        --batch-size 8 --micro-batch 2 --epochs 2 --prompt games
+    python jobs/finetune.py --backend textrec --data /tmp/demo-data --all --out /tmp/textrec \\
+        --strategy local --batch-size 8 --epochs 1 --split test --max-eval-users 50
 
 (``dealrec finetune ...`` takes the same arguments.)
 """
@@ -35,31 +52,43 @@ if __name__ == "__main__":  # make `engine` / `jobs` importable when run as a sc
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse
-import dataclasses
 import json
 import os
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 
 from engine.config import collect_problems, raise_if, versions
 from engine.data.schema import check_samples, read_id_column, read_items, read_sample_rows, read_split
 from engine.errors import ConfigError, DataError, ResumeError
-from engine.finetune import (
-    BEST_ADAPTER_DIR,
-    FinetuneConfig,
-    copy_tree,
-    samples_per_second,
-)
-from engine.llm.bigrec.model import resolve_base
-from engine.rundir import atomic_write_bytes, output_errors, read_json
+from engine.finetune import BEST_ADAPTER_DIR, FinetuneConfig, copy_tree, load_adapter, read_state, samples_per_second
 from engine.llm.bigrec.prompts import PROMPTS
+from engine.metrics import DEFAULT_KS
+from engine.rundir import atomic_write_bytes, output_errors, read_json
+from jobs.backend_args import add_backend_arguments, backend_record
+
+__all__ = ["add_arguments", "config_from_args", "fit", "run", "load_examples", "evaluate_adapter",
+           "evaluate_splits", "read_per_user", "check_resume", "BACKEND_DEFAULTS"]
 
 CONFIG_FILE = "finetune_config.json"
 REPORT_FILE = "finetune.json"
+METRICS_FILE = "metrics.json"
+PER_USER_FILE = "per_user.npz"
+ADAPTER_DIR = "adapter"
 RAY_RUN_NAME = "ray_train"
+LOCAL_CKPT_DIR = "checkpoints"
+#: per backend, the training options a command line leaves unset (BIGRec's paper settings; the
+#: text encoder's sizing run of issue #8: constant lr 1e-3, batch 32, whole-batch steps)
+BACKEND_DEFAULTS = {
+    "bigrec": {"lr": 1e-4, "lr_schedule": "linear", "warmup_steps": 20, "max_grad_norm": 1.0, "batch_size": 16,
+               "micro_batch": 4, "max_history": 10, "prompt": "generic", "target_modules": ["q_proj", "v_proj"]},
+    "textrec": {"lr": 1e-3, "lr_schedule": "constant", "warmup_steps": 0, "max_grad_norm": 0.0, "batch_size": 32,
+                "micro_batch": None, "max_history": None, "prompt": "games", "target_modules": ["query", "value"]},
+}
 
 
 # ---------------------------------------------------------------- argument parsing
@@ -84,13 +113,15 @@ def llm_config_from_args(args) -> dict:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of `dealrec finetune`."""
+    """Options of `dealrec finetune` (training options left unset take the backend's defaults)."""
     parser.add_argument("--data", required=True, help="prepared data folder")
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--selected", help="RUN/selected.parquet of a prune run (column sample_id)")
     src.add_argument("--all", action="store_true", help="every sample (the full fine-tune baseline)")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--strategy", default="deepspeed", choices=["deepspeed", "ddp"])
+    add_backend_arguments(parser)
+    parser.add_argument("--strategy", default="deepspeed", choices=["local", "ddp", "deepspeed"],
+                        help="local: in this process, no Ray; ddp / deepspeed: Ray Train workers")
     parser.add_argument("--zero", type=int, default=2, choices=[0, 1, 2, 3], help="DeepSpeed ZeRO stage")
     parser.add_argument("--offload", action="store_true", help="ZeRO CPU offload")
     parser.add_argument("--workers", type=int, default=2)
@@ -99,23 +130,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-failures", type=int, default=3,
                         help="worker-group restarts after a worker or node loss, each from the last epoch "
                              "checkpoint (-1 = unlimited)")
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--warmup-steps", type=int, default=20)
+    parser.add_argument("--lr", type=float, default=None, help="bigrec 1e-4, textrec 1e-3")
+    parser.add_argument("--lr-schedule", choices=["linear", "constant"], default=None,
+                        help="bigrec linear (warm-up + decay), textrec constant")
+    parser.add_argument("--warmup-steps", type=int, default=None, help="bigrec 20, textrec 0")
     parser.add_argument("--weight-decay", type=float, default=0.0)
-    parser.add_argument("--max-grad-norm", type=float, default=1.0)
+    parser.add_argument("--max-grad-norm", type=float, default=None, help="bigrec 1.0, textrec 0 (none)")
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=16, help="effective batch = micro x accumulation x workers")
-    parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="effective batch = micro x accumulation x workers (bigrec 16, textrec 32)")
+    parser.add_argument("--micro-batch", type=int, default=None,
+                        help="bigrec 4; textrec takes the whole per-rank slice (in-batch negatives)")
     parser.add_argument("--cutoff-len", type=int, default=512)
-    parser.add_argument("--max-history", type=int, default=10)
+    parser.add_argument("--max-history", type=int, default=None, help="newest history items kept (bigrec 10, textrec all)")
     parser.add_argument("--patience", type=int, default=2)
     parser.add_argument("--val-samples", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--stop-after-epochs", type=int, default=None,
                         help="end this invocation after N epochs; rerun to resume")
+    parser.add_argument("--time-budget-s", type=float, default=None, help="stop training after this wall time")
+    parser.add_argument("--split", default="none", choices=["none", "valid", "test"],
+                        help="evaluate the adapter after training (textrec)")
+    parser.add_argument("--max-eval-users", type=int, default=None, help="seeded subset of users (default all)")
+    parser.add_argument("--eval-seed", type=int, default=0)
+    parser.add_argument("--ks", type=int, nargs="+", default=list(DEFAULT_KS))
+    parser.add_argument("--threads", type=int, default=0, help="torch threads of this process (local strategy)")
     parser.add_argument("--overwrite", action="store_true", help="discard a previous run in --out with another config")
     parser.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local instance)")
     add_llm_arguments(parser)
+    parser.set_defaults(prompt=None, target_modules=None)  # per backend (BACKEND_DEFAULTS)
 
 
 def config_from_args(args) -> FinetuneConfig:
@@ -124,21 +167,41 @@ def config_from_args(args) -> FinetuneConfig:
     Raises:
         ConfigError: listing every problem.
     """
+    d = BACKEND_DEFAULTS.get(args.backend, BACKEND_DEFAULTS["bigrec"])
+
+    def pick(name):
+        v = getattr(args, name, None)
+        return d[name] if v is None else v
+
+    textrec = None
+    if args.backend == "textrec":
+        textrec = {"prompt": pick("prompt"), "lora_r": args.lora_r, "lora_alpha": args.lora_alpha,
+                   "lora_dropout": args.lora_dropout, "target_modules": list(pick("target_modules")),
+                   "seed": args.seed, "lr": pick("lr"), "epochs": args.epochs, "batch_size": pick("batch_size"),
+                   "weight_decay": args.weight_decay}
+        if args.textrec_model is not None:
+            textrec["model"] = str(Path(args.textrec_model).resolve())
+    llm = llm_config_from_args(argparse.Namespace(**{**vars(args), "target_modules": pick("target_modules")}))
     fields = dict(
         data=str(Path(args.data).resolve()), out=str(Path(args.out).resolve()),
         selected=str(Path(args.selected).resolve()) if args.selected else None, all_samples=bool(args.all),
-        llm=llm_config_from_args(args), prompt=args.prompt, cutoff_len=args.cutoff_len,
-        max_history=args.max_history, strategy=args.strategy, zero_stage=args.zero, offload=args.offload,
-        workers=args.workers, use_gpu={"auto": None, "yes": True, "no": False}[args.gpu],
-        workers_cpu=args.worker_cpus, max_failures=args.max_failures, lr=args.lr, warmup_steps=args.warmup_steps,
-        weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, epochs=args.epochs,
-        batch_size=args.batch_size, micro_batch=args.micro_batch, patience=args.patience,
+        backend=args.backend, llm=llm, prompt=pick("prompt") if args.backend == "bigrec" else "generic",
+        cutoff_len=args.cutoff_len, max_history=pick("max_history"), textrec=textrec, strategy=args.strategy,
+        zero_stage=args.zero, offload=args.offload, workers=args.workers,
+        use_gpu={"auto": None, "yes": True, "no": False}[args.gpu], workers_cpu=args.worker_cpus,
+        max_failures=args.max_failures, lr=pick("lr"), lr_schedule=pick("lr_schedule"),
+        warmup_steps=pick("warmup_steps"), weight_decay=args.weight_decay, max_grad_norm=pick("max_grad_norm"),
+        epochs=args.epochs, batch_size=pick("batch_size"), micro_batch=pick("micro_batch"), patience=args.patience,
         val_samples=args.val_samples, seed=args.seed, stop_after_epochs=args.stop_after_epochs,
+        time_budget_s=args.time_budget_s, split=args.split, max_eval_users=args.max_eval_users,
+        eval_seed=args.eval_seed, ks=tuple(args.ks), threads=args.threads,
     )
     built, problems = collect_problems([("finetune", lambda: FinetuneConfig(**fields))])
     cfg = built.get("finetune")
     path_cfg = cfg if cfg is not None else _PathsOnly(fields)
     problems.extend(path_cfg.path_problems())
+    if cfg is not None:
+        problems.extend(evaluation_problems(cfg))
     raise_if(problems, config="finetune")
     return cfg
 
@@ -152,9 +215,21 @@ class _PathsOnly:
     path_problems = FinetuneConfig.path_problems
 
 
+def evaluation_problems(cfg: FinetuneConfig) -> list[str]:
+    """Why the evaluation after training that ``cfg`` asks for cannot run (empty: it can)."""
+    if cfg.split == "none" or cfg.backend == "textrec":
+        return []
+    # TODO(#18): the generic evaluator over backend.rank_items (engine/evaluate.py) replaces
+    # textrec's own evaluate here; until it lands, other backends are evaluated by `dealrec evaluate`.
+    return [f"split={cfg.split!r}: evaluation after training is not available for backend {cfg.backend!r} yet; "
+            f"use --split none and `dealrec evaluate` on OUT/{ADAPTER_DIR}"]
+
+
 # ---------------------------------------------------------------- data for the workers
 def load_examples(cfg: FinetuneConfig) -> dict:
     """Read the training and validation examples of a run on the driver.
+
+    Histories are cut to the newest ``cfg.max_history`` items here, once for every backend.
 
     Returns:
         ``{"titles", "train_history", "train_target", "train_ids", "val_history", "val_target"}``
@@ -162,142 +237,167 @@ def load_examples(cfg: FinetuneConfig) -> dict:
 
     Raises:
         DataError: bad data (unreadable files, duplicate sample ids, unknown items) or a bad
-            selected file (unreadable, missing column, unknown or duplicate sample ids).
+            selected file / sample id list (unreadable, missing column, unknown or duplicate ids).
     """
     items = read_items(cfg.data)
     titles = items.column("title").to_pylist()
     n = check_samples(cfg.data, n_items=len(titles))
-    if cfg.selected is not None:
-        ids = read_id_column(cfg.selected, "sample_id")
+    if cfg.all_samples:
+        ids = np.arange(n, dtype=np.int64)
+    else:
+        src = cfg.selected if cfg.selected is not None else "sample_ids"
+        ids = read_id_column(cfg.selected, "sample_id") if cfg.selected is not None else \
+            np.asarray(cfg.sample_ids, dtype=np.int64)
         bad = ids[(ids < 0) | (ids >= n)]
         if bad.size:
-            raise DataError(f"sample_id outside 0..{n - 1} of {cfg.data}", path=cfg.selected, field="sample_id",
+            raise DataError(f"sample_id outside 0..{n - 1} of {cfg.data}", path=src, field="sample_id",
                             value=int(bad[0]))
         if np.unique(ids).size != ids.size:
-            raise DataError("duplicate sample ids", path=cfg.selected, field="sample_id",
+            raise DataError("duplicate sample ids", path=src, field="sample_id",
                             value=int(ids[np.flatnonzero(np.diff(np.sort(ids)) == 0)[0]]))
         ids = np.sort(ids)
-    else:
-        ids = np.arange(n, dtype=np.int64)
     if ids.size == 0:
         raise DataError("no samples selected", path=cfg.selected, field="sample_id")
     sub = read_sample_rows(cfg.data, ids)  # only the selected rows, one samples file at a time
-    valid = read_split(cfg.data, "valid")
-    vh = valid.column("history").to_pylist()
-    vt = valid.column("targets").to_pylist()
-    keep = [i for i, t in enumerate(vt) if t]
-    rng = np.random.default_rng(cfg.seed)
-    if len(keep) > cfg.val_samples:
-        keep = sorted(rng.choice(keep, size=cfg.val_samples, replace=False).tolist())
+    keep_hist = (lambda h: list(h)) if cfg.max_history is None else \
+        (lambda h: list(h)[-cfg.max_history:] if cfg.max_history > 0 else [])
+    keep: list[int] = []
+    vh: list = []
+    vt: list = []
+    if cfg.val_samples > 0:
+        valid = read_split(cfg.data, "valid")
+        vh = valid.column("history").to_pylist()
+        vt = valid.column("targets").to_pylist()
+        keep = [i for i, t in enumerate(vt) if t]
+        rng = np.random.default_rng(cfg.seed)
+        if len(keep) > cfg.val_samples:
+            keep = sorted(rng.choice(keep, size=cfg.val_samples, replace=False).tolist())
     return {
         "titles": titles,
         "train_ids": ids.tolist(),
-        "train_history": sub.column("history").to_pylist(),
+        "train_history": [keep_hist(h) for h in sub.column("history").to_pylist()],
         "train_target": sub.column("target").to_pylist(),
-        "val_history": [vh[i] for i in keep],
+        "val_history": [keep_hist(vh[i]) for i in keep],
         "val_target": [vt[i][0] for i in keep],
     }
 
 
+def _base_model(cfg: FinetuneConfig, titles: Sequence[str]) -> str | None:
+    """BIGRec's resolved base (built once on the driver for ``tiny``); None for other backends."""
+    if cfg.backend != "bigrec":
+        return None
+    from engine.llm.bigrec.model import resolve_base
+
+    base = resolve_base(cfg.llm, titles)
+    return str(Path(base).resolve()) if Path(base).exists() else base
+
+
 # ---------------------------------------------------------------- the per-worker loop
 def train_loop_per_worker(config: dict) -> None:
-    """Ray Train worker: build LLM + LoRA, DeepSpeed or DDP, train with epoch checkpoints."""
+    """Ray Train worker: the backend's model on this rank's device, :func:`engine.finetune.train`."""
     import ray
     import ray.train
     import ray.train.torch
-    import torch
 
     from engine import finetune as ft
-    from engine.llm.bigrec.model import load_llm
+    from engine.llm import get_backend
+    from jobs.worker import worker_setup
 
     cfg = FinetuneConfig.from_dict(config["cfg"])
     payload = ray.get(config["payload"])
-    from jobs.worker import worker_setup
-
     rank, world, device, on_gpu = worker_setup(cfg.workers_cpu)
-    llm_cfg = dataclasses.replace(cfg.llm, model=config["base"], device=str(device),
-                                  dtype="bfloat16" if on_gpu else "float32")
-    model, tok = load_llm(llm_cfg, trainable=True)
-    prompt_cfg = cfg.prompt_config()
-    titles = payload["titles"]
-    train_enc = ft.encode_examples(tok, payload["train_history"], payload["train_target"], titles, prompt_cfg,
-                                   max_history=cfg.max_history)
-    val_enc = ft.encode_examples(tok, payload["val_history"], payload["val_target"], titles, prompt_cfg,
-                                 max_history=cfg.max_history)
-    total_steps = ft.steps_per_epoch(len(train_enc), cfg, world) * cfg.epochs
-    params = [p for p in model.parameters() if p.requires_grad]
-    zero3 = cfg.strategy == "deepspeed" and cfg.zero_stage == 3
-    if cfg.strategy == "deepspeed":
-        import deepspeed
+    backend = get_backend(cfg.backend, payload["titles"],
+                          **cfg.backend_options(base=config["base"], device=device, on_gpu=on_gpu))
 
-        engine, _, _, _ = deepspeed.initialize(
-            model=model, model_parameters=params,
-            config=ft.deepspeed_config(cfg, world_size=world, on_gpu=on_gpu),
-            lr_scheduler=lambda opt: ft.make_scheduler(opt, cfg, total_steps),
-        )
-        stepper = ft.DeepSpeedStepper(engine)
-    else:
-        wrapped = ray.train.torch.prepare_model(model, move_to_device=False)
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        stepper = ft.TorchStepper(wrapped, opt, ft.make_scheduler(opt, cfg, total_steps),
-                                  accumulation=cfg.batch_size // (cfg.micro_batch * world),
-                                  max_grad_norm=cfg.max_grad_norm, device=device)
+    def report(metrics: dict, ckpt_dir: Path, name: str) -> None:
+        has_files = any(Path(ckpt_dir).iterdir())
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(ckpt_dir)) if has_files else None,
+                         checkpoint_dir_name=name)
 
-    state = ft.new_state(cfg, len(train_enc), len(val_enc))
-    work = Path(tempfile.mkdtemp(prefix="dealrec-ft-"))
-    best_dir = work / BEST_ADAPTER_DIR
+    restore = None
     ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            prev = ft.read_state(Path(d))
-            if prev["fingerprint"] != state["fingerprint"]:
-                raise ResumeError(f"the checkpoint in {cfg.out} was written by another config; "
-                                  "rerun with --overwrite or another --out")
-            state = prev
-            stepper.load(Path(d))
-            copy_tree(Path(d) / BEST_ADAPTER_DIR, best_dir)
-    pad_id = tok.pad_token_id
-    ran = 0
-    while state["epoch"] < cfg.epochs and not state["stopped_early"]:
-        if cfg.stop_after_epochs is not None and ran >= cfg.stop_after_epochs:
-            break
-        stats = ft.train_epoch(stepper, train_enc, cfg=cfg, epoch=state["epoch"], rank=rank, world=world,
-                               pad_id=pad_id)
-        val = ft.validation_loss(stepper.model, val_enc, micro_batch=cfg.micro_batch, rank=rank, world=world,
-                                 pad_id=pad_id, device=device)
-        improved = ft.update_state(state, cfg, stats, val)
-        if improved:
-            ft.export_adapter(stepper.model, best_dir, rank=rank, zero3=zero3)
-        check = ft.lora_checksum(stepper.model, zero3=zero3)
-        sums = [check]
-        if world > 1:
-            import torch.distributed as dist
+    work = Path(tempfile.mkdtemp(prefix="dealrec-restore-"))
+    try:
+        if ckpt is not None:
+            restore = Path(ckpt.to_directory(str(work / "ckpt")))
+        ft.train(backend, payload, cfg, report=report, rank=rank, world=world, device=device, on_gpu=on_gpu,
+                 wrap_model=lambda m: ray.train.torch.prepare_model(m, move_to_device=False), restore=restore,
+                 log=lambda s: print(s, flush=True))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
-            sums = [None] * world
-            dist.all_gather_object(sums, check)
-        rec = state["history"][-1]
-        rec["rank_checksums"] = sums
-        rec["optimizer_steps"] = stepper.optimizer_steps
-        ran += 1
-        with tempfile.TemporaryDirectory(prefix="dealrec-ckpt-") as tmp:
-            tmp = Path(tmp)
-            if rank == 0:
-                ft.write_state(tmp, state)
-                copy_tree(best_dir, tmp / BEST_ADAPTER_DIR)
-            stepper.save(tmp, rank=rank)
-            has_files = any(tmp.iterdir())
-            metrics = {"epoch": state["epoch"], "train_loss": rec["train_loss"],
-                       "val_loss": rec["val_loss"] if rec["val_loss"] is not None else float("nan")}
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)) if has_files else None,
-                             checkpoint_dir_name=f"epoch-{state['epoch']:04d}")
-    shutil.rmtree(work, ignore_errors=True)
+
+def _train_ray(cfg: FinetuneConfig, payload: dict, base: str | None, finish) -> dict:
+    import ray
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from jobs.ray_init import init_ray
+
+    init_ray(runtime_env={"env_vars": {"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}})
+    use_gpu = ray.cluster_resources().get("GPU", 0) > 0 if cfg.use_gpu is None else bool(cfg.use_gpu)
+    env = {"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"), "TOKENIZERS_PARALLELISM": "false",
+           "HF_HUB_OFFLINE": "1"}
+    if not use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"
+    out = Path(cfg.out)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.to_dict(), "payload": ray.put(payload), "base": base},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.workers, use_gpu=use_gpu,
+            resources_per_worker=None if use_gpu else {"CPU": cfg.workers_cpu}),
+        run_config=ray.train.RunConfig(
+            name=RAY_RUN_NAME, storage_path=str(out),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            worker_runtime_env={"env_vars": env}),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise ResumeError(f"the Ray Train run in {out / RAY_RUN_NAME} reported no checkpoint")
+    with result.checkpoint.as_directory() as d:
+        return finish(Path(d), use_gpu, result.checkpoint.path)
+
+
+def _train_local(cfg: FinetuneConfig, payload: dict, base: str | None, finish, log) -> dict:
+    """The same loop in this process (no Ray, no process group); checkpoints in OUT/checkpoints."""
+    import torch
+
+    from engine import finetune as ft
+    from engine.llm import get_backend
+
+    use_gpu = torch.cuda.is_available() if cfg.use_gpu is None else bool(cfg.use_gpu)
+    if use_gpu and not torch.cuda.is_available():
+        raise ConfigError(["use_gpu=True: this machine has no CUDA device; use --gpu no"], config="finetune")
+    device = "cuda" if use_gpu else "cpu"
+    root = Path(cfg.out) / LOCAL_CKPT_DIR
+
+    def epochs_done() -> list[Path]:
+        return sorted(p for p in root.glob("epoch-*") if p.is_dir()) if root.is_dir() else []
+
+    def report(metrics: dict, ckpt_dir: Path, name: str) -> None:
+        with output_errors(root, option="--out"):
+            root.mkdir(parents=True, exist_ok=True)
+            tmp = root / f".{name}.tmp-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(ckpt_dir, tmp)
+            shutil.rmtree(root / name, ignore_errors=True)
+            os.replace(tmp, root / name)
+            for old in epochs_done()[:-2]:  # as Ray Train's num_to_keep=2
+                shutil.rmtree(old, ignore_errors=True)
+
+    done = epochs_done()
+    backend = get_backend(cfg.backend, payload["titles"],
+                          **cfg.backend_options(base=base, device=device, on_gpu=use_gpu))
+    ft.train(backend, payload, cfg, report=report, device=device, on_gpu=use_gpu,
+             restore=done[-1] if done else None, log=log)
+    last = epochs_done()[-1]
+    return finish(last, use_gpu, str(last))
 
 
 # ---------------------------------------------------------------- driver
-def _cluster_has_gpus(ray) -> bool:
-    return ray.cluster_resources().get("GPU", 0) > 0
-
-
 def check_resume(cfg: FinetuneConfig, *, overwrite: bool = False) -> bool:
     """Whether ``cfg.out`` holds a run of another config that ``overwrite`` will discard;
     changes nothing.
@@ -318,106 +418,203 @@ def check_resume(cfg: FinetuneConfig, *, overwrite: bool = False) -> bool:
     return True
 
 
-def fit(cfg: FinetuneConfig, *, overwrite: bool = False, payload: dict | None = None) -> dict:
-    """Run (or resume) the fine-tune described by ``cfg``; Ray must be initialised.
+def _finished_report(cfg: FinetuneConfig) -> dict | None:
+    """The report of a finished run of this config in ``cfg.out`` (None: train)."""
+    f = Path(cfg.out) / REPORT_FILE
+    if not (f.exists() and (Path(cfg.out) / ADAPTER_DIR).is_dir()):
+        return None
+    try:
+        rep = json.loads(f.read_text())
+    except (OSError, ValueError):
+        return None
+    return rep if rep.get("fingerprint") == cfg.fingerprint() and rep.get("finished") else None
+
+
+def _json(path: Path, obj: dict) -> None:
+    atomic_write_bytes(path, json.dumps(obj, indent=2, default=str).encode(), option="--out")
+
+
+def fit(cfg: FinetuneConfig, *, overwrite: bool = False, payload: dict | None = None, log=print) -> dict:
+    """Run (or resume) the fine-tune described by ``cfg``, then its evaluation (``cfg.split``).
 
     Every input is read and checked before anything is written: the run's config
     (``finetune_config.json``) is committed to ``cfg.out`` only once the data and selection
-    are known good, so a failed start never blocks a corrected rerun into the same folder.
+    are known good, so a failed start never blocks a corrected rerun into the same folder. A
+    finished run of the same config is not trained again; an evaluation of the same adapter
+    and evaluation options is not repeated. ``ddp``/``deepspeed`` start Ray when it is not running.
 
     Args:
         cfg: validated config.
         overwrite: discard a previous run in ``cfg.out`` made with another config.
         payload: what :func:`load_examples` returned for ``cfg`` (read here when None).
+        log: progress lines (None: quiet).
 
     Returns:
-        The report written to ``OUT/finetune.json``.
+        The report written to ``OUT/finetune.json``, plus ``metrics`` (``metrics.json``, None for
+        split none), ``trained`` and ``evaluated`` (False: reused).
 
     Raises:
+        ConfigError: bad paths, or an evaluation the backend cannot run.
         ResumeError: ``cfg.out`` holds a run of another config and ``overwrite`` is false.
         DataError: bad input data.
     """
-    import ray
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
+    log = log or (lambda *_: None)
+    raise_if(cfg.path_problems() + evaluation_problems(cfg), config="finetune")
     out = Path(cfg.out)
     discard = check_resume(cfg, overwrite=overwrite)
-    t0 = time.perf_counter()
-    if payload is None:
-        payload = load_examples(cfg)
-    base = resolve_base(cfg.llm, payload["titles"])
-    if Path(base).exists():
-        base = str(Path(base).resolve())
-    # inputs good: only now is the run's config committed (and a run of another config discarded)
-    with output_errors(out, option="--out"):
-        out.mkdir(parents=True, exist_ok=True)
-        if discard:
-            for p in (out / RAY_RUN_NAME, out / "adapter", out / REPORT_FILE):
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-    atomic_write_bytes(out / CONFIG_FILE, json.dumps({"fingerprint": cfg.fingerprint(), "config": cfg.to_dict()},
-                                                      indent=2).encode(), option="--out")
-    use_gpu = _cluster_has_gpus(ray) if cfg.use_gpu is None else bool(cfg.use_gpu)
-    env = {"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"), "TOKENIZERS_PARALLELISM": "false"}
-    if not use_gpu:
-        env["DS_ACCELERATOR"] = "cpu"
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "payload": ray.put(payload), "base": base},
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.workers, use_gpu=use_gpu,
-            resources_per_worker=None if use_gpu else {"CPU": cfg.workers_cpu}),
-        run_config=ray.train.RunConfig(
-            name=RAY_RUN_NAME, storage_path=str(out),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
-            worker_runtime_env={"env_vars": env}),
-    )
-    result = trainer.fit()
-    wall = time.perf_counter() - t0
-    ckpt = result.checkpoint
-    if ckpt is None:
-        raise ResumeError(f"the Ray Train run in {out / RAY_RUN_NAME} reported no checkpoint")
-    with ckpt.as_directory() as d:
-        from engine.finetune import read_state
+    report = None if discard else _finished_report(cfg)
+    trained = report is None
+    if trained:
+        t0 = time.perf_counter()
+        if payload is None:
+            payload = load_examples(cfg)
+        base = _base_model(cfg, payload["titles"])
+        # inputs good: only now is the run's config committed (and a run of another config discarded)
+        with output_errors(out, option="--out"):
+            out.mkdir(parents=True, exist_ok=True)
+            if discard:
+                for name in (RAY_RUN_NAME, LOCAL_CKPT_DIR, ADAPTER_DIR, REPORT_FILE, METRICS_FILE, PER_USER_FILE):
+                    p = out / name
+                    shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        _write_config(cfg)
+        if cfg.threads:
+            import torch
 
-        state = read_state(Path(d))
-        adapter_src = Path(d) / BEST_ADAPTER_DIR
-        tmp = out / f".adapter.tmp-{os.getpid()}"
-        try:
-            with output_errors(out, option="--out"):
-                copy_tree(adapter_src, tmp)
-                if tmp.exists():
-                    shutil.rmtree(out / "adapter", ignore_errors=True)
-                    os.replace(tmp, out / "adapter")
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            torch.set_num_threads(cfg.threads)
+        log(f"[finetune] {cfg.backend}: {len(payload['train_ids'])} samples, {cfg.epochs} epoch(s), batch "
+            f"{cfg.batch_size} = {cfg.micro} x {cfg.accumulation} x {cfg.world}, strategy {cfg.strategy}")
+
+        def finish(ckpt_dir: Path, use_gpu: bool, where: str) -> dict:
+            return _finish(cfg, ckpt_dir, use_gpu=use_gpu, where=where, base=base, wall=time.perf_counter() - t0)
+
+        report = _train_local(cfg, payload, base, finish, log) if cfg.strategy == "local" else \
+            _train_ray(cfg, payload, base, finish)
+    else:
+        _write_config(cfg)  # the same training; the evaluation options of this call
+    metrics, evaluated = _evaluate(cfg)
+    return {**report, "metrics": metrics, "trained": trained, "evaluated": evaluated}
+
+
+def _write_config(cfg: FinetuneConfig) -> None:
+    _json(Path(cfg.out) / CONFIG_FILE, {"fingerprint": cfg.fingerprint(), "config": cfg.to_dict(),
+                                        "backend": backend_record(cfg.backend, cfg.backend_options())})
+
+
+def _finish(cfg: FinetuneConfig, ckpt_dir: Path, *, use_gpu: bool, where: str, base: str | None,
+            wall: float) -> dict:
+    """Copy the final checkpoint's best adapter to OUT/adapter and write OUT/finetune.json."""
+    out = Path(cfg.out)
+    state = read_state(ckpt_dir)
+    tmp = out / f".{ADAPTER_DIR}.tmp-{os.getpid()}"
+    try:
+        with output_errors(out, option="--out"):
+            copy_tree(ckpt_dir / BEST_ADAPTER_DIR, tmp)
+            if tmp.exists():
+                shutil.rmtree(out / ADAPTER_DIR, ignore_errors=True)
+                os.replace(tmp, out / ADAPTER_DIR)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     hist = state["history"]
+    secs = sum(h["seconds"] for h in hist)
+    steps = hist[-1]["optimizer_steps"] if hist else 0
     report = {
+        "fingerprint": cfg.fingerprint(),
         "config": cfg.to_dict(),
+        "backend": backend_record(cfg.backend, cfg.backend_options()),
         "base_model": base,
+        "strategy": cfg.strategy,
+        "world": cfg.world,
         "use_gpu": use_gpu,
         "n_train": state["n_train"],
         "n_val": state["n_val"],
         "epochs_done": state["epoch"],
-        "finished": state["epoch"] >= cfg.epochs or state["stopped_early"],
+        "finished": bool(state["epoch"] >= cfg.epochs or state["stopped_early"] or state.get("stopped_by_time_budget")),
         "stopped_early": state["stopped_early"],
+        "stopped_by_time_budget": bool(state.get("stopped_by_time_budget")),
         "best_epoch": state["best_epoch"],
         "best_val_loss": state["best_val_loss"],
         "history": hist,
         "train_losses": [h["train_loss"] for h in hist],
         "val_losses": [h["val_loss"] for h in hist],
-        "optimizer_steps": hist[-1]["optimizer_steps"] if hist else 0,
-        "train_seconds": sum(h["seconds"] for h in hist),
+        "optimizer_steps": steps,
+        "rank_checksums": hist[-1]["rank_checksums"] if hist else state.get("final_checksums"),
+        "train_seconds": secs,
         "samples_per_s": samples_per_second(hist),
-        "seconds_per_step": (sum(h["seconds"] for h in hist) / max(1, sum(h["steps"] for h in hist))),
+        "seconds_per_step": secs / max(1, sum(h["steps"] for h in hist)),
         "wall_s_this_invocation": wall,
-        "checkpoint": ckpt.path,
+        "wall_s": wall,
+        "checkpoint": where,
         "versions": versions(),
     }
-    atomic_write_bytes(out / REPORT_FILE, json.dumps(report, indent=2, default=str).encode(), option="--out")
+    _json(out / REPORT_FILE, report)
     return report
+
+
+# ---------------------------------------------------------------- evaluation after training
+def _evaluate(cfg: FinetuneConfig) -> tuple[dict | None, bool]:
+    if cfg.split == "none":
+        return None, False
+    out = Path(cfg.out)
+    fp = cfg.eval_fingerprint()
+    f = out / METRICS_FILE
+    if f.exists() and (out / PER_USER_FILE).exists():
+        try:
+            prev = json.loads(f.read_text())
+        except (OSError, ValueError):
+            prev = {}
+        if prev.get("eval_fingerprint") == fp:
+            return prev, False
+    metrics = evaluate_adapter(cfg, out / ADAPTER_DIR)
+    per_user, user_ids = metrics.pop("per_user"), metrics.pop("user_ids")
+    tmp = out / f".{PER_USER_FILE}.tmp-{os.getpid()}.npz"
+    with output_errors(out, option="--out"):
+        np.savez_compressed(tmp, user_ids=np.asarray(user_ids, dtype=str), **per_user)
+        os.replace(tmp, out / PER_USER_FILE)
+    metrics.update(split=cfg.split, eval_fingerprint=fp, config=cfg.to_dict(),
+                   backend=backend_record(cfg.backend, cfg.backend_options()))
+    _json(f, metrics)
+    return metrics, True
+
+
+def evaluate_adapter(cfg: FinetuneConfig, adapter: str | os.PathLike) -> dict:
+    """Recall/NDCG@K of ``adapter`` on ``cfg.split`` (seeded ``cfg.max_eval_users`` subset drawn with
+    ``cfg.eval_seed``, not the training seed, so every run of a comparison sees the same users).
+
+    Raises:
+        ConfigError: the backend has no evaluation after training here (:func:`evaluation_problems`).
+    """
+    raise_if(evaluation_problems(cfg), config="finetune")
+    return evaluate_splits(cfg.textrec, cfg.data, adapter, {cfg.split: cfg.max_eval_users},
+                           eval_seed=cfg.eval_seed, ks=cfg.ks)[cfg.split]
+
+
+def evaluate_splits(textrec, data: str | os.PathLike, adapter: str | os.PathLike, max_users: dict[str, int | None],
+                    *, eval_seed: int = 0, ks: Sequence[int] = DEFAULT_KS) -> dict[str, dict]:
+    """:func:`engine.llm.textrec.evaluate` of a textrec adapter on several splits with ONE loaded model.
+
+    Args:
+        textrec: the TextRecConfig (or dict) the adapter was trained with.
+        data: prepared data folder.
+        adapter: the exported adapter folder.
+        max_users: ``{split: seeded user subset size or None (all)}``, evaluated in this order.
+        eval_seed: draws the user subsets.
+        ks: cut-offs.
+
+    Returns:
+        ``{split: evaluate(...) result}`` (means, ``users``, ``per_user``, ``user_ids``, wall times).
+    """
+    from engine.llm.textrec import TextRecConfig, build_model, evaluate
+
+    tc = TextRecConfig.from_dict(textrec)
+    model = load_adapter(build_model(tc), adapter)
+    return {sp: evaluate(model, data, sp, replace(tc, seed=eval_seed), max_users=n, ks=ks)
+            for sp, n in max_users.items()}
+
+
+def read_per_user(out: str | os.PathLike) -> dict:
+    """``{"user_ids": array, metric: array}`` of a finished run's ``per_user.npz``."""
+    with np.load(Path(out) / PER_USER_FILE) as z:
+        return {k: z[k] for k in z.files}
 
 
 def run(args) -> int:
@@ -432,18 +629,22 @@ def run(args) -> int:
     cfg = config_from_args(args)
     # bad data, a bad --selected or a run of another config fail here, before Ray starts
     check_resume(cfg, overwrite=args.overwrite)
-    payload = load_examples(cfg)
-    import ray
+    payload = None if _finished_report(cfg) is not None else load_examples(cfg)
+    if cfg.strategy != "local":
+        from jobs.ray_init import init_ray
 
-    if not ray.is_initialized():
-        ray.init(address=args.address, runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}})
+        init_ray(address=args.address, runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}})
     rep = fit(cfg, overwrite=args.overwrite, payload=payload)
-    print(f"fine-tune: {rep['epochs_done']} epoch(s), {rep['optimizer_steps']} optimiser steps, "
-          f"{rep['samples_per_s']:.1f} samples/s, best epoch {rep['best_epoch']} "
-          f"(val loss {rep['best_val_loss']}), wall {rep['wall_s_this_invocation']:.1f}s")
+    print(f"fine-tune ({cfg.backend}, {cfg.strategy} x{cfg.world}): {rep['epochs_done']} epoch(s), "
+          f"{rep['optimizer_steps']} optimiser steps, {rep['samples_per_s']:.1f} samples/s, best epoch "
+          f"{rep['best_epoch']} (val loss {rep['best_val_loss']}), wall {rep['wall_s_this_invocation']:.1f}s"
+          + ("" if rep["trained"] else " (finished before; not trained again)"))
     for h in rep["history"]:
         print(f"  epoch {h['epoch']:>3}  train {h['train_loss']:.4f}  val {h['val_loss']}  {h['seconds']:.1f}s")
-    print(f"adapter: {Path(cfg.out) / 'adapter'}  report: {Path(cfg.out) / REPORT_FILE}")
+    if rep["metrics"] is not None:
+        m = rep["metrics"]
+        print(f"{cfg.split}: " + "  ".join(f"{k} {m[k]:.4f}" for k in m if "@" in k) + f"  ({m['users']} users)")
+    print(f"adapter: {Path(cfg.out) / ADAPTER_DIR}  report: {Path(cfg.out) / REPORT_FILE}")
     return 0
 
 

@@ -52,7 +52,16 @@ class LLMBackend(Protocol):
         ...
 
     def train_loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
-        """Scalar fine-tuning loss of a batch (may use in-batch negatives)."""
+        """Scalar fine-tuning loss of a batch (may use in-batch negatives).
+
+        The fine-tune loop (:mod:`engine.finetune`) averages it over micro-batches and ranks. A
+        backend whose loss needs the whole global batch (in-batch negatives) sets the class
+        attribute ``in_batch_negatives = True``: the loop then gives each rank one micro-batch per
+        step (its contiguous slice of the global batch) and calls ``train_loss(model, batch,
+        rank=rank, world=world)``, and the backend gathers what it needs from the other ranks, so
+        that any number of ranks trains the adapter of one process. Optional class attributes the
+        loop also reads: ``train_bf16`` (False: fp32 on GPUs too), ``supports_zero3``.
+        """
         ...
 
     def rank_items(self, model: nn.Module, histories: Sequence[Sequence[int]], k: int, *,

@@ -1,19 +1,25 @@
-"""Text-encoder fine-tune on Ray Train: 2-worker DeepSpeed (ZeRO-2, gloo, fp32) trains the adapter of
-a local run of the same config (item embeddings all-gathered with autograd: the whole batch's loss).
+"""The one fine-tune loop, textrec backend (MiniLM-like tiny BERT + LoRA, in-batch softmax): local,
+DDP and DeepSpeed (ZeRO-2, gloo, fp32) train the same adapter. The item embeddings of every rank
+are all-gathered with autograd by the backend, so each step is the whole batch's loss.
 
-Dropout is switched off (BERT's and LoRA's) so that both runs are deterministic functions of the
-config. ~30-40 s on 2 cores (the DeepSpeed shm comm op compiles once per machine, ~40 s more).
+Dropout is switched off (BERT's and LoRA's) so that every run is a deterministic function of the
+config. ~20-30 s per Ray Train run on 2 cores (the DeepSpeed shm comm op compiles once per
+machine, ~40 s more).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from jobs import finetune_textrec as ftr
+from engine.errors import ConfigError
+from engine.finetune import FinetuneConfig
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _tiny(tmp: Path):
@@ -32,25 +38,78 @@ def _tiny(tmp: Path):
     return data, enc
 
 
-@pytest.mark.ray
-@pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_deepspeed_two_workers_matches_local(ray_cluster, tmp_path):
-    data, enc = _tiny(tmp_path / "tiny")
-    tc = {"model": str(enc), "max_len_user": 48, "max_len_item": 8, "epochs": 2, "batch_size": 8, "lr": 2e-2,
-          "lora_dropout": 0.0, "init_lora_weights": False, "seed": 3}
-    common = dict(data=str(data), sample_ids=list(range(40)), textrec=tc, ks=(5, 10), max_eval_users=30,
-                  workers_cpu=1.0)
-    local = ftr.fit(ftr.TextFinetuneConfig(out=str(tmp_path / "local"), strategy="local", **common), log=None)
-    ds = ftr.fit(ftr.TextFinetuneConfig(out=str(tmp_path / "ds"), strategy="deepspeed", workers=2, zero_stage=2,
-                                        **common), log=None)
-    lt, dt = local["train"], ds["train"]
-    assert dt["world"] == 2 and dt["optimizer_steps"] == lt["optimizer_steps"] == 2 * (40 // 8)
-    np.testing.assert_allclose(dt["train_losses"], lt["train_losses"], rtol=1e-4)
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return _tiny(tmp_path_factory.mktemp("tiny"))
+
+
+def _args(data, enc, out, *extra):
+    from jobs import finetune
+
+    p = argparse.ArgumentParser()
+    finetune.add_arguments(p)
+    return p.parse_args(["--backend", "textrec", "--textrec-model", str(enc), "--data", str(data), "--all",
+                         "--out", str(out), "--epochs", "2", "--batch-size", "8", "--lr", "2e-2", "--lora-dropout",
+                         "0", "--seed", "3", "--val-samples", "16", "--split", "test", "--max-eval-users", "30",
+                         "--ks", "5", "10", "--workers", "2", *extra])
+
+
+@pytest.fixture(scope="module")
+def local(tiny, tmp_path_factory):
+    from jobs import finetune
+
+    data, enc = tiny
+    out = tmp_path_factory.mktemp("trlocal") / "local"
+    assert finetune.run(_args(data, enc, out, "--strategy", "local")) == 0
+    return out
+
+
+def _rep(out):
+    return json.loads((Path(out) / "finetune.json").read_text())
+
+
+def _check_same_adapter(out, local):
+    from jobs import finetune
+
+    rep, ref = _rep(out), _rep(local)
+    assert rep["world"] == 2 and rep["optimizer_steps"] == ref["optimizer_steps"] == 2 * (64 // 8)
+    np.testing.assert_allclose(rep["train_losses"], ref["train_losses"], rtol=1e-4)
+    np.testing.assert_allclose(rep["val_losses"], ref["val_losses"], rtol=1e-4)
     # every rank holds the same LoRA, and it is the local run's (up to float rounding)
-    sums = [c["sum"] for c in dt["rank_checksums"]]
-    assert len(set(c["sha256"] for c in dt["rank_checksums"])) == 1
-    assert sums[0] == pytest.approx(lt["rank_checksums"][0]["sum"], rel=1e-4)
-    assert (tmp_path / "ds" / "adapter" / "adapter_config.json").exists()
-    np.testing.assert_allclose(ftr.read_per_user(tmp_path / "ds")["ndcg@10"],
-                               ftr.read_per_user(tmp_path / "local")["ndcg@10"], atol=1e-6)
+    assert len({c["sha256"] for c in rep["rank_checksums"]}) == 1
+    assert rep["rank_checksums"][0]["sum"] == pytest.approx(ref["rank_checksums"][0]["sum"], rel=1e-4)
+    np.testing.assert_allclose(finetune.read_per_user(out)["ndcg@10"], finetune.read_per_user(local)["ndcg@10"],
+                               atol=1e-6)
+
+
+def test_cli_records_the_backend_and_evaluates(local):
+    rep = _rep(local)
+    assert rep["backend"]["name"] == "textrec" and rep["config"]["backend"] == "textrec"
+    assert rep["config"]["micro_batch"] is None and rep["config"]["lr_schedule"] == "constant"
+    m = json.loads((local / "metrics.json").read_text())
+    assert m["users"] == 30 and m["backend"]["name"] == "textrec" and "ndcg@10" in m
+    assert all(np.isfinite(rep["val_losses"])) and rep["best_epoch"] in (1, 2)
+
+
+def test_textrec_config_errors_name_field_and_value(tiny, tmp_path):
+    from jobs import finetune
+
+    data, enc = tiny
+    with pytest.raises(ConfigError, match=r"micro_batch=2.*in-batch negatives"):
+        finetune.config_from_args(_args(data, enc, tmp_path / "o", "--micro-batch", "2"))
+    with pytest.raises(ConfigError, match="zero_stage=3"):
+        finetune.config_from_args(_args(data, enc, tmp_path / "o", "--zero", "3"))
+    with pytest.raises(ConfigError, match="textrec: lora_r=0"):
+        FinetuneConfig(data=str(data), out=str(tmp_path), all_samples=True, backend="textrec",
+                       textrec={"model": str(enc), "lora_r": 0})
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("strategy", ["deepspeed", "ddp"])
+def test_two_workers_train_the_local_adapter(ray_cluster, tiny, local, tmp_path, strategy):
+    from jobs import finetune
+
+    data, enc = tiny
+    assert finetune.run(_args(data, enc, tmp_path / strategy, "--strategy", strategy)) == 0
+    _check_same_adapter(tmp_path / strategy, local)

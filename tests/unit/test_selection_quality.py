@@ -115,13 +115,13 @@ def test_dry_run_tiny_end_to_end_and_resume(tmp_path, capsys):
     v = out / "results" / "greedy__seed0.valid.json"
     want = v.read_text()
     v.unlink()
-    train_json = (out / "runs" / "greedy__seed0" / "train.json").stat().st_mtime_ns
+    train_json = (out / "runs" / "greedy__seed0" / ftr.TRAIN_FILE).stat().st_mtime_ns
     assert sq.main(["--dry-run-tiny", "--out", str(out), "--seeds", "0", "1"]) == 0
     log = capsys.readouterr().out
     assert "greedy seed 0: trained before; validation period evaluated" in log
     assert log.count("done before, skipped") == len(results) - 1
     assert json.loads(v.read_text())["metrics"] == json.loads(want)["metrics"]
-    assert (out / "runs" / "greedy__seed0" / "train.json").stat().st_mtime_ns == train_json
+    assert (out / "runs" / "greedy__seed0" / ftr.TRAIN_FILE).stat().st_mtime_ns == train_json
     assert (out / "table.csv").read_text() == before
     # ... and says what to do when the adapter to evaluate is gone
     v.unlink()

@@ -22,6 +22,14 @@ class TextEncoderBackend:
     """
 
     name = "textrec"
+    #: train_loss scores every user against the targets of the whole global batch: the fine-tune
+    #: loop runs one micro-batch per rank and step, and passes rank/world (engine.finetune)
+    in_batch_negatives = True
+    #: fp32 on every device (the logits are cosines / 0.05); ZeRO-3 gains nothing on a small encoder
+    train_bf16 = False
+    supports_zero3 = False
+    #: the dropout seed's salt of the former textrec fine-tune job, so its runs reproduce
+    dropout_seed_salt = "textrec/"
 
     def __init__(self, titles: Sequence[str], *, config: Any = None):
         from engine.llm.textrec import Catalogue, TextRecConfig
@@ -72,8 +80,11 @@ class TextEncoderBackend:
 
         return collate_train(self.tokenizer, self.catalogue, histories, targets, self.cfg)
 
-    def train_loss(self, model, batch) -> torch.Tensor:
-        """:func:`engine.llm.textrec.train_loss` (in-batch softmax)."""
+    def train_loss(self, model, batch, *, rank: int = 0, world: int = 1) -> torch.Tensor:
+        """:func:`engine.llm.textrec.train_loss` (in-batch softmax); with ``world`` > 1 ranks,
+        :func:`gathered_train_loss` over the whole global batch."""
+        if world > 1:
+            return gathered_train_loss(model, batch, rank=rank, world=world)
         from engine.llm.textrec import train_loss
 
         return train_loss(model, batch)
@@ -83,3 +94,37 @@ class TextEncoderBackend:
         from engine.llm.textrec import rank_items
 
         return rank_items(model, self.catalogue, histories, k, exclude=exclude)
+
+
+def gathered_train_loss(model, batch: dict, *, rank: int, world: int) -> torch.Tensor:
+    """The in-batch softmax of :func:`engine.llm.textrec.train_loss` over the WHOLE global batch.
+
+    ``batch`` is rank ``rank``'s contiguous slice of the global batch (every rank's slice has the
+    same size). Item embeddings of all ranks are all-gathered with autograd
+    (``torch.distributed.nn``) and the title groups without, so every user is scored against the
+    targets of every rank; averaging the ranks' gradients (DDP, DeepSpeed) gives the gradient of
+    the whole batch's mean loss, as one process training on the whole batch would.
+
+    Returns:
+        Mean loss over this rank's users.
+    """
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from torch.distributed.nn.functional import all_gather
+
+    from engine.llm.textrec import _unwrap
+
+    u, v = model(batch["user_input_ids"], batch["user_attention_mask"],
+                 batch["item_input_ids"], batch["item_attention_mask"])
+    v = torch.cat(all_gather(v), 0)
+    mine = batch["target_groups"].to(v.device)
+    parts = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(parts, mine)
+    g = torch.cat(parts, 0)
+    logits = u @ v.T / _unwrap(model).cfg.temperature
+    b = u.shape[0]
+    labels = torch.arange(rank * b, (rank + 1) * b, device=logits.device)
+    own = g[labels]
+    dup = (own[:, None] == g[None, :]) & (torch.arange(len(g), device=logits.device)[None, :] != labels[:, None])
+    logits = logits.masked_fill(dup, float("-inf"))
+    return F.cross_entropy(logits, labels)
