@@ -1,96 +1,76 @@
-"""BIGRec evaluation pieces: prompts of the evaluation period, beam-search generation,
-last-token embeddings, a disk cache of item-title embeddings, grounding and metrics.
+"""One evaluator for every LLM backend: the users of a valid/test period ranked through
+``backend.rank_items``, multi-target Recall/NDCG@K, per-user values for paired bootstrap CIs.
 
-Protocol (DESIGN.md section 2, BIGRec's evaluate.py, with the choices made explicit):
+Protocol (DESIGN.md section 2):
 
-- users: every user of the split with at least one target; history = the split's
-  ``history`` column (everything before the period), newest ``max_history`` titles kept;
-  targets = all the user's items in the period (multi-target).
-- generation: beam search (``beams``, greedy inside beams, no sampling) with the LoRA
-  adapter on; the best beam is decoded, special tokens dropped, surrounding spaces and
-  quotes stripped.
-- embedding: the last-layer hidden state of the last token (left padding, so the last
-  position is the last real token) of the text, computed with the BASE model (adapter
-  disabled), for generated texts and item titles alike, so both live in one space (the
-  authors embed both with the base LLaMA).
-- grounding: L2 nearest distinct titles, expanded to items (engine.grounding); metrics
-  from engine.metrics.
+- users: every user of the split with at least one target (users without items in the period
+  are skipped, not scored 0); with ``max_users`` a seeded random subset (the draw of
+  :func:`engine.llm.textrec.evaluate`, so a subset of the same size and seed is the same users
+  whichever backend or job evaluates it), kept in split order;
+- history = the split's ``history`` column (every item before the period), oldest first; the
+  backend decides how much of it a prompt shows;
+- targets = all the user's items in the period (multi-target, :mod:`engine.metrics`);
+- seen items: the history is excluded from the ranking (the protocol's default); with
+  ``exclude_history=False`` nothing is (BIGRec's original evaluation);
+- ranking: ``backend.rank_items(model, histories, max(ks), exclude=...)`` on blocks of
+  ``user_batch`` users, or any ``rank(histories, exclude, k)`` function (the evaluate job passes
+  a Ray Data actor pool there).
+
+BIGRec's generation + grounding now lives behind
+:meth:`engine.llm.bigrec.backend.BigRecBackend.rank_items` (:mod:`engine.llm.bigrec.generate`);
+the names that used to be here (``generate_texts``, ``embed_texts``, ``cached_title_embeddings``,
+``score_generations``, ``eval_requests``, ...) still resolve, from there.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
+import importlib
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from engine.errors import ConfigError, check
-from engine.grounding import TitleIndex, ground
 from engine.metrics import DEFAULT_KS, recall_ndcg
-from engine.llm.bigrec.prompts import PROMPTS, encode_prompt, get_prompt_config
 
-__all__ = [
-    "EvalConfig",
-    "eval_requests",
-    "generate_texts",
-    "embed_texts",
-    "base_fingerprint",
-    "cached_title_embeddings",
-    "score_generations",
-]
+__all__ = ["EvalConfig", "eval_users", "score_rankings", "rank_in_blocks", "evaluate_backend"]
+
+#: second word of the seed of the user subset (the same draw as engine.llm.textrec.evaluate)
+SUBSET_SALT = 0xE7A1
+
+RankFn = Callable[[Sequence[Sequence[int]], Sequence[Sequence[int]], int], np.ndarray]
 
 
 @dataclass
 class EvalConfig:
-    """Evaluation of a fine-tuned adapter on the valid or test period (validated up front)."""
+    """Evaluation of one model on the valid or test period (validated up front)."""
 
     data: str = field(metadata={"help": "prepared data folder"})
-    adapter: str | None = field(default=None, metadata={"help": "peft adapter folder (None: base model only)"})
     split: str = field(default="test", metadata={"help": "valid | test"})
-    beams: int = field(default=4, metadata={"help": "beam-search width (BIGRec: 4)"})
-    max_new_tokens: int = field(default=32, metadata={"help": "tokens generated per user"})
     ks: tuple[int, ...] = field(default=DEFAULT_KS, metadata={"help": "cut-offs K of Recall/NDCG@K"})
-    batch_size: int = field(default=8, metadata={"help": "prompts per generate() call / texts per embedding batch"})
-    max_users: int | None = field(default=None, metadata={"help": "evaluate a seeded subset of users"})
-    prompt: str = field(default="generic", metadata={"help": "prompt preset"})
-    cutoff_len: int = field(default=512, metadata={"help": "max prompt + answer tokens"})
-    max_history: int = field(default=10, metadata={"help": "newest history titles in a prompt"})
-    chunk: int = field(default=4096, metadata={"help": "titles per grounding block (memory knob)"})
+    max_users: int | None = field(default=None, metadata={"help": "evaluate a seeded subset of this many users"})
     seed: int = field(default=0, metadata={"help": "seed of the user subset"})
+    exclude_history: bool = field(default=True, metadata={"help": "never recommend a history item"})
+    user_batch: int = field(default=64, metadata={"help": "users per rank_items call"})
 
     def __post_init__(self) -> None:
         self.ks = tuple(int(k) for k in self.ks)
         p: list[str] = []
-
-        def pos(name: str) -> None:
-            v = getattr(self, name)
-            check(p, isinstance(v, int) and not isinstance(v, bool) and v >= 1, f"{name}={v!r} must be an int >= 1")
-
         check(p, self.split in ("valid", "test"), f"split={self.split!r} must be 'valid' or 'test'")
-        for n in ("beams", "max_new_tokens", "batch_size", "chunk"):
-            pos(n)
         check(p, len(self.ks) > 0 and all(k >= 1 for k in self.ks), f"ks={self.ks!r} must be positive integers")
         check(p, self.max_users is None or (isinstance(self.max_users, int) and self.max_users >= 1),
               f"max_users={self.max_users!r} must be null or >= 1")
-        check(p, self.prompt in PROMPTS, f"prompt={self.prompt!r} is unknown; use one of {sorted(PROMPTS)}")
-        check(p, isinstance(self.cutoff_len, int) and self.cutoff_len >= 16, f"cutoff_len={self.cutoff_len!r} must be >= 16")
-        check(p, isinstance(self.max_history, int) and self.max_history >= 0, f"max_history={self.max_history!r} must be >= 0")
+        check(p, isinstance(self.seed, int) and not isinstance(self.seed, bool), f"seed={self.seed!r} must be an int")
+        check(p, isinstance(self.exclude_history, bool), f"exclude_history={self.exclude_history!r} must be a bool")
+        check(p, isinstance(self.user_batch, int) and not isinstance(self.user_batch, bool) and self.user_batch >= 1,
+              f"user_batch={self.user_batch!r} must be an int >= 1")
         if not Path(self.data).is_dir():
             p.append(f"data folder {self.data!r} does not exist; run `dealrec prepare` first")
-        if self.adapter is not None and not (Path(self.adapter) / "adapter_config.json").exists():
-            p.append(f"adapter {self.adapter!r} is not a peft adapter folder (no adapter_config.json); "
-                     "pass OUT/adapter of `dealrec finetune`")
         if p:
             raise ConfigError(p, config="EvalConfig")
-
-    def prompt_config(self):
-        return get_prompt_config(self.prompt, cutoff_len=self.cutoff_len)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -98,201 +78,118 @@ class EvalConfig:
         return d
 
 
-def eval_requests(split_table, titles: Sequence[str], *, max_history: int, max_users: int | None = None,
-                  seed: int = 0) -> dict:
-    """The users to evaluate and their prompts' history titles.
+def eval_users(split_table, *, max_users: int | None = None, seed: int = 0) -> dict:
+    """The users of a valid/test table that have targets, optionally a seeded subset.
 
     Args:
-        split_table: a valid/test table (user_id, history, targets).
-        titles: item titles by item id.
-        max_history: newest titles kept.
-        max_users: keep a seeded random subset of this many users (sorted by row).
+        split_table: a valid/test table (``user_id``, ``history``, ``targets``).
+        max_users: keep a seeded random subset of this many users (in table order).
         seed: seed of the subset.
 
     Returns:
-        ``{"user_id": [...], "history": [[item ids]], "history_titles": [[str]], "targets": [[item ids]]}``
-        for users with at least one target.
+        ``{"user_id": [str], "history": [[item ids]], "targets": [[item ids]]}``.
     """
-    users = split_table.column("user_id").to_pylist()
+    uids = split_table.column("user_id").to_pylist()
     hist = split_table.column("history").to_pylist()
     tg = split_table.column("targets").to_pylist()
-    rows = [i for i, t in enumerate(tg) if t]
-    if max_users is not None and len(rows) > max_users:
-        rows = sorted(np.random.default_rng(seed).choice(rows, size=max_users, replace=False).tolist())
-    h = [(list(hist[i])[-max_history:] if max_history > 0 else []) for i in rows]
-    return {
-        "user_id": [users[i] for i in rows],
-        "history": h,
-        "history_titles": [[titles[j] for j in x] for x in h],
-        "targets": [list(tg[i]) for i in rows],
-    }
+    rows = [i for i in range(len(uids)) if len(tg[i]) > 0]
+    if max_users is not None and max_users < len(rows):
+        rng = np.random.default_rng(np.random.SeedSequence([seed, SUBSET_SALT]))
+        rows = sorted(rng.choice(rows, size=max_users, replace=False).tolist())
+    return {"user_id": [uids[i] for i in rows], "history": [list(hist[i]) for i in rows],
+            "targets": [list(tg[i]) for i in rows]}
 
 
-def _left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), int(pad_id), dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if s:
-            ids[i, T - len(s):] = torch.as_tensor(s, dtype=torch.long)
-            mask[i, T - len(s):] = 1
-    return ids, mask
-
-
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
-def clean_generation(text: str) -> str:
-    """BIGRec's post-processing of a generated answer: first line, spaces and quotes stripped."""
-    text = text.split("\n")[0]
-    return text.strip().strip('"').strip()
-
-
-@torch.no_grad()
-def generate_texts(model, tokenizer, history_titles: Sequence[Sequence[str]], prompt_cfg, *, beams: int,
-                   max_new_tokens: int, batch_size: int = 8) -> list[str]:
-    """Beam-search answers of the LLM (adapter on) to BIGRec prompts.
+def score_rankings(ranked, targets: Sequence[Sequence[int]], *, ks: Sequence[int] = DEFAULT_KS) -> tuple[dict, dict]:
+    """Multi-target Recall/NDCG@K of rankings, averaged and per user.
 
     Args:
-        model: causal LM (peft-wrapped or not), in eval mode.
-        tokenizer: its tokenizer.
-        history_titles: per user, history titles oldest first.
-        prompt_cfg: :class:`engine.llm.bigrec.prompts.PromptConfig`.
-        beams: beam width (1 = greedy).
-        max_new_tokens: generated tokens per user (room is reserved in ``cutoff_len``).
-        batch_size: prompts per ``generate`` call.
-
-    Returns:
-        The cleaned best-beam answer per user (see :func:`clean_generation`).
-    """
-    model.eval()
-    dev = _device(model)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    out: list[str] = []
-    for s in range(0, len(history_titles), batch_size):
-        prompts = [encode_prompt(tokenizer, h, prompt_cfg, reserve_tokens=max_new_tokens)
-                   for h in history_titles[s : s + batch_size]]
-        ids, mask = _left_pad(prompts, pad)
-        gen = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), num_beams=beams,
-                             num_return_sequences=1, do_sample=False, max_new_tokens=max_new_tokens,
-                             pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, use_cache=True)
-        new = gen[:, ids.shape[1]:].cpu()
-        out.extend(clean_generation(t) for t in tokenizer.batch_decode(new, skip_special_tokens=True))
-    return out
-
-
-def _base_context(model):
-    dis = getattr(model, "disable_adapter", None)
-    return dis() if callable(dis) and hasattr(model, "peft_config") else contextlib.nullcontext()
-
-
-@torch.no_grad()
-def embed_texts(model, tokenizer, texts: Sequence[str], *, batch_size: int = 32, base: bool = True) -> np.ndarray:
-    """Last-token, last-layer hidden state of every text (BIGRec's grounding embedding).
-
-    Args:
-        model: causal LM (peft-wrapped or not).
-        tokenizer: its tokenizer (special tokens added, e.g. BOS; an empty text falls back
-            to the EOS token so every text has at least one token).
-        texts: the texts.
-        batch_size: texts per forward.
-        base: disable the LoRA adapter while embedding (the BASE model's space).
-
-    Returns:
-        ``[len(texts), hidden]`` float32 array.
-    """
-    model.eval()
-    dev = _device(model)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    rows = []
-    ctx = _base_context(model) if base else contextlib.nullcontext()
-    with ctx:
-        for s in range(0, len(texts), batch_size):
-            enc = [list(tokenizer(str(t), add_special_tokens=True)["input_ids"]) or [tokenizer.eos_token_id]
-                   for t in texts[s : s + batch_size]]
-            ids, mask = _left_pad(enc, pad)
-            out = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), output_hidden_states=True,
-                        use_cache=False)
-            rows.append(out.hidden_states[-1][:, -1, :].float().cpu().numpy())
-    if not rows:
-        return np.zeros((0, 0), dtype=np.float32)
-    return np.concatenate(rows).astype(np.float32, copy=False)
-
-
-def base_fingerprint(base: str) -> str:
-    """A short hash identifying a base model: config, tokenizer and weight files (name + size +
-    mtime) of a local folder, or the Hub id itself."""
-    p = Path(base)
-    h = hashlib.sha256()
-    if not p.is_dir():
-        h.update(str(base).encode())
-        return h.hexdigest()[:16]
-    for f in sorted(p.iterdir()):
-        if f.is_file() and (f.suffix in (".json", ".safetensors", ".bin", ".model") or f.name.startswith("tokenizer")):
-            st = f.stat()
-            h.update(f"{f.name}:{st.st_size}:{int(st.st_mtime)}".encode())
-            if f.name == "config.json":
-                h.update(f.read_bytes())
-    return h.hexdigest()[:16]
-
-
-def title_cache_path(cache_dir: str | os.PathLike, base: str, titles: Sequence[str]) -> Path:
-    """``cache_dir/item-emb-<hash of base model and titles>.npy``."""
-    h = hashlib.sha256(base_fingerprint(base).encode())
-    for t in titles:
-        h.update(str(t).encode("utf-8", "surrogatepass"))
-        h.update(b"\x00")
-    return Path(cache_dir) / f"item-emb-{h.hexdigest()[:20]}.npy"
-
-
-def cached_title_embeddings(cache_dir: str | os.PathLike, base: str, titles: Sequence[str],
-                            compute: Callable[[Sequence[str]], np.ndarray]) -> tuple[np.ndarray, bool]:
-    """Title embeddings from the disk cache, or computed with ``compute`` and cached.
-
-    Args:
-        cache_dir: cache folder.
-        base: base model folder / id (part of the key).
-        titles: distinct titles, in index order (part of the key).
-        compute: ``titles -> [T, d]`` array, called on a miss.
-
-    Returns:
-        ``(embeddings, hit)``.
-    """
-    path = title_cache_path(cache_dir, base, titles)
-    if path.exists():
-        emb = np.load(path)
-        if emb.shape[0] == len(titles):
-            return emb, True
-    emb = np.asarray(compute(titles), dtype=np.float32)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npy")
-    np.save(tmp, emb)
-    os.replace(tmp, path)
-    (path.with_suffix(".json")).write_text(json.dumps({"base": str(base), "titles": len(titles),
-                                                        "dim": int(emb.shape[1]) if emb.ndim == 2 else 0}))
-    return emb, False
-
-
-def score_generations(query_emb: np.ndarray, title_emb: np.ndarray, index: TitleIndex,
-                      targets: Sequence[Sequence[int]], *, ks: Sequence[int] = DEFAULT_KS,
-                      chunk: int = 4096) -> tuple[dict, np.ndarray]:
-    """Ground every generation and compute Recall/NDCG@K.
-
-    Args:
-        query_emb: ``[U, d]`` embeddings of the generated texts.
-        title_emb: ``[T, d]`` embeddings of ``index.titles``.
-        index: the catalogue's title index.
-        targets: per user, the period's item ids.
+        ranked: ``[U, k]`` item ids per user, best first (-1 = no item).
+        targets: per user, the period's item ids (each user has at least one).
         ks: cut-offs.
-        chunk: titles per grounding block.
 
     Returns:
-        ``(metrics, ranked)``: the :func:`engine.metrics.recall_ndcg` dict and the
-        ``[U, max(ks)]`` grounded item ids.
+        ``(metrics, per_user)``: the :func:`engine.metrics.recall_ndcg` dict and
+        ``{"recall@K"/"ndcg@K": float64 [U]}`` (each user's own value; their mean is the metric).
     """
-    k = max(ks)
-    if len(query_emb) == 0:
-        return recall_ndcg([], [], ks=ks), np.zeros((0, k), dtype=np.int64)
-    ranked = ground(query_emb, title_emb, index, k, chunk=chunk)
-    return recall_ndcg(ranked.tolist(), targets, ks=ks), ranked
+    ranked = [list(r) for r in ranked]
+    metrics = recall_ndcg(ranked, targets, ks=ks)
+    per_user = {f"{m}@{k}": np.zeros(len(ranked)) for k in ks for m in ("recall", "ndcg")}
+    for u, (r, t) in enumerate(zip(ranked, targets)):
+        one = recall_ndcg([r], [t], ks=ks)
+        for key in per_user:
+            per_user[key][u] = one[key]
+    return metrics, per_user
+
+
+def rank_in_blocks(backend, model, *, user_batch: int = 64) -> RankFn:
+    """``rank(histories, exclude, k)``: ``backend.rank_items`` on blocks of ``user_batch`` users."""
+
+    def rank(histories, exclude, k):
+        out = np.full((len(histories), k), -1, dtype=np.int64)
+        for s in range(0, len(histories), user_batch):
+            got = np.asarray(backend.rank_items(model, histories[s:s + user_batch], k,
+                                                exclude=exclude[s:s + user_batch]), dtype=np.int64)
+            out[s:s + got.shape[0], :got.shape[1]] = got
+        return out
+
+    return rank
+
+
+def evaluate_backend(backend, model, data, split: str = "test", *, ks: Sequence[int] = DEFAULT_KS,
+                     max_users: int | None = None, seed: int = 0, exclude_history: bool = True,
+                     user_batch: int = 64, rank: RankFn | None = None) -> dict:
+    """Rank the users of a period through a backend and score the rankings.
+
+    Args:
+        backend: an :class:`engine.llm.protocol.LLMBackend` (unused when ``rank`` is given).
+        model: its model, e.g. ``backend.load_model(adapter)`` (unused when ``rank`` is given).
+        data: a prepared folder (its ``split`` is read) or the split's table itself.
+        split: ``"valid"`` or ``"test"`` (when ``data`` is a folder).
+        ks: cut-offs.
+        max_users: a seeded subset of this many users (see :func:`eval_users`).
+        seed: seed of the subset.
+        exclude_history: exclude each user's history items from the ranking.
+        user_batch: users per ``rank_items`` call.
+        rank: ``(histories, exclude, k) -> [U, k]``; default :func:`rank_in_blocks`.
+
+    Returns:
+        ``{"metrics": {"recall@K", "ndcg@K", "users"}, "per_user": {metric: float64 [U]},
+        "user_ids": [str], "ranked": int64 [U, max(ks)], "timings": {"rank_s", "per_user_s",
+        "total_s"}}``.
+
+    Raises:
+        DataError: the folder or split is missing or malformed.
+    """
+    t0 = time.perf_counter()
+    if isinstance(data, (str, os.PathLike)):
+        from engine.data.schema import read_split
+
+        table = read_split(data, split)
+    else:
+        table = data
+    users = eval_users(table, max_users=max_users, seed=seed)
+    hist = users["history"]
+    exclude = hist if exclude_history else [[] for _ in hist]
+    k = max(int(x) for x in ks)
+    rank = rank or rank_in_blocks(backend, model, user_batch=user_batch)
+    t1 = time.perf_counter()
+    ranked = np.asarray(rank(hist, exclude, k), dtype=np.int64).reshape(len(hist), k) if hist else \
+        np.zeros((0, k), dtype=np.int64)
+    t2 = time.perf_counter()
+    metrics, per_user = score_rankings(ranked, users["targets"], ks=ks)
+    return {"metrics": metrics, "per_user": per_user, "user_ids": users["user_id"], "ranked": ranked,
+            "timings": {"rank_s": t2 - t1, "per_user_s": (t2 - t1) / max(1, len(hist)),
+                        "total_s": time.perf_counter() - t0}}
+
+
+#: names of BIGRec's generation pieces that lived here before the backend refactor (issue 18)
+_MOVED = {name: "engine.llm.bigrec.generate" for name in (
+    "eval_requests", "generate_texts", "embed_texts", "clean_generation", "base_fingerprint", "title_cache_path",
+    "cached_title_embeddings", "score_generations")}
+
+
+def __getattr__(name: str):
+    if name in _MOVED:  # resolved on use, so importing the generic evaluator loads no BIGRec code
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

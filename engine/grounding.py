@@ -180,8 +180,15 @@ def ground(
     *,
     chunk: int = 4096,
     query_chunk: int = 1024,
+    exclude: Sequence[Sequence[int]] | None = None,
+    pad: bool = False,
 ) -> np.ndarray:
     """Top-``k`` items per query: chunked L2 search over distinct titles, then expansion.
+
+    With ``exclude``, the items of ``exclude[u]`` are dropped from user u's expanded list and
+    the next items move up; the search over-fetches ``k + max |exclude[u]|`` titles per block
+    of queries (each excluded item removes at most one item and every title has one), so the
+    survivors are exactly the first ``k`` of the full ranking without them.
 
     Args:
         queries: ``[U, d]`` embeddings of the generated texts.
@@ -190,18 +197,46 @@ def ground(
         k: items per user.
         chunk: titles per search block (memory knob only).
         query_chunk: queries per search block (memory knob only).
+        exclude: per query, item ids never returned (None: nothing excluded).
+        pad: return exactly ``k`` columns, -1 where fewer items remain.
 
     Returns:
-        ``[U, min(k, I)]`` item ids, best first.
+        ``[U, min(k, I)]`` item ids, best first (``[U, k]`` with ``pad`` or ``exclude``,
+        -1-padded).
 
     Raises:
-        ConfigError: ``title_embeddings`` has a row count other than ``len(index.titles)``.
+        ConfigError: ``title_embeddings`` has a row count other than ``len(index.titles)``, or
+            ``exclude`` has another length than ``queries``.
     """
     if len(title_embeddings) != len(index.titles):
         raise ConfigError(
             [f"title_embeddings has {len(title_embeddings)} rows but the index has {len(index.titles)} distinct titles"],
             config="ground",
         )
-    # k distinct titles always cover k items (every title has >= 1 item).
-    _, t_idx = topk_l2(queries, title_embeddings, min(k, len(index.titles)), chunk=chunk, query_chunk=query_chunk)
-    return expand_titles(t_idx, index, k)
+    if exclude is None:
+        # k distinct titles always cover k items (every title has >= 1 item).
+        _, t_idx = topk_l2(queries, title_embeddings, min(k, len(index.titles)), chunk=chunk,
+                           query_chunk=query_chunk)
+        got = expand_titles(t_idx, index, k)
+        if not pad or got.shape[1] == k:
+            return got
+        out = np.full((got.shape[0], k), -1, dtype=np.int64)
+        out[:, :got.shape[1]] = got
+        return out
+    n = len(queries)
+    if len(exclude) != n:
+        raise ConfigError([f"exclude has {len(exclude)} rows but there are {n} queries"], config="ground")
+    out = np.full((n, k), -1, dtype=np.int64)
+    for s in range(0, n, query_chunk):
+        ex = [{int(x) for x in exclude[u]} for u in range(s, min(n, s + query_chunk))]
+        m = min(len(index.titles), k + max((len(e) for e in ex), default=0))
+        _, t_idx = topk_l2(queries[s:s + query_chunk], title_embeddings, m, chunk=chunk, query_chunk=query_chunk)
+        for r, (row, e) in enumerate(zip(t_idx, ex)):
+            kept: list[int] = []
+            for t in row:
+                kept.extend(int(i) for i in index.members[int(t)] if int(i) not in e)
+                if len(kept) >= k:
+                    break
+            kept = kept[:k]
+            out[s + r, :len(kept)] = kept
+    return out

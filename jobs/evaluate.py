@@ -1,25 +1,40 @@
-"""Evaluate a fine-tuned BIGRec adapter: generate, ground to items, Recall/NDCG@K.
+"""Evaluate an LLM recommender of any backend on the valid or test period: Recall/NDCG@K.
 
-Ray Data runs two actor pools (actors/generate.py): ``TitleEmbedder`` embeds every
-distinct item title with the base model once (cached on disk, keyed by model + titles),
-and ``Generator`` answers each user's BIGRec prompt by beam search (adapter on) and
-embeds the answer with the base model. The driver grounds the answers to items by
-chunked L2 top-K (engine.grounding) and computes multi-target Recall@K / NDCG@K over the
-users with items in the period (engine.metrics). Writes ``--out`` (default
-``ADAPTER/../metrics-<split>.json``) and ``generations-<split>.parquet`` beside it, and
-prints a table.
+One evaluator (engine.evaluate.evaluate_backend) over ``backend.rank_items``: the users of the
+period with items in it (history = everything before it, excluded from the ranking unless
+``--keep-history``; targets = all the period's items), multi-target Recall@K / NDCG@K
+(engine.metrics) and each user's values for paired bootstrap CIs.
+
+* ``--backend bigrec`` (default): beam search with the LoRA adapter, base-model embedding of the
+  answer, grounding to items (engine.llm.bigrec.generate). Title embeddings are cached on disk
+  (keyed by base model + titles); on a miss a Ray Data ``TitleEmbedder`` pool fills the cache
+  before the rankers start.
+* ``--backend textrec``: the sentence encoder + the fine-tuned LoRA of ``--adapter`` (OUT/adapter
+  of the text-encoder fine-tune; its config beside it gives prompt and text lengths), cosine
+  ranking over the catalogue.
+
+With Ray, a Ray Data pool of ``Ranker`` actors (actors/rank.py, one backend replica each) ranks
+the users in batches of ``--user-batch``; ``--local`` runs the backend in this process. Writes
+``--out`` (default ``ADAPTER/../metrics-<split>.json``; without an adapter
+``DATA/metrics-<split>.json`` for bigrec, ``DATA/metrics-<backend>-<split>.json`` otherwise),
+which records the backend, and ``<out stem>.per_user.npz`` beside it (user_ids, ranked, one array
+per metric), both atomically, and prints a table.
 
 On a cluster::
 
     ray job submit --working-dir . -- python jobs/evaluate.py --data /shared/games \\
         --adapter /shared/runs/games/ft/adapter --split test --beams 4 --workers 4 --prompt games
+    ray job submit --working-dir . -- python jobs/evaluate.py --backend textrec --data /shared/games \\
+        --adapter /shared/runs/games/ft-textrec/adapter --split test --workers 4
 
-Tiny local variant (CPU; the base model is read from the adapter's config)::
+Tiny local variants (CPU; the BIGRec base model is read from the adapter's config)::
 
     python jobs/evaluate.py --data /tmp/games --adapter /tmp/ft/adapter --split test \\
-        --beams 2 --max-new-tokens 16 --max-users 64 --workers 1
+        --beams 2 --max-new-tokens 16 --max-users 64 --local
+    python jobs/evaluate.py --backend textrec --data /tmp/games --adapter /tmp/ft-text/adapter \\
+        --max-users 64 --local
 
-(``dealrec evaluate ...`` takes the same arguments; ``--local`` skips Ray entirely.)
+(``dealrec evaluate ...`` takes the same arguments.)
 """
 
 from __future__ import annotations
@@ -31,81 +46,62 @@ if __name__ == "__main__":  # make `engine` / `jobs` importable when run as a sc
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse
+import io
 import json
 import time
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from engine.config import collect_problems, raise_if, versions
 from engine.data.schema import read_items, read_split
-from engine.errors import ConfigError, DataError, ResumeError
-from engine.evaluate import EvalConfig, cached_title_embeddings, eval_requests, score_generations
-from engine.grounding import index_titles
-from engine.llm.bigrec.model import LLMConfig, adapter_problem, resolve_base
-from engine.metrics import DEFAULT_KS, format_table
+from engine.evaluate import EvalConfig, evaluate_backend
+from engine.llm import get_backend
+from engine.llm.bigrec.model import adapter_problem
 from engine.llm.bigrec.prompts import PROMPTS
+from engine.metrics import DEFAULT_KS, format_table
 from engine.rundir import atomic_write_bytes, atomic_write_with, output_errors, read_json, writable_problem
+from jobs.backend_args import add_backend_arguments, backend_record
+
+#: the configs a fine-tune writes beside its adapter/ (jobs/finetune.py; the older finetune_textrec.py)
+FINETUNE_RECORDS = ("finetune_config.json", "finetune_textrec.json")
+#: the TextRecConfig fields an evaluation takes from that record (the model's text and LoRA shape)
+TEXTREC_RECORDED = ("model", "prompt", "max_len_user", "max_len_item", "lora_r", "lora_alpha", "target_modules",
+                    "encode_batch_size")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `dealrec evaluate`."""
     parser.add_argument("--data", required=True, help="prepared data folder")
-    parser.add_argument("--adapter", default=None, help="peft adapter folder (OUT/adapter of dealrec finetune)")
+    add_backend_arguments(parser)
+    parser.add_argument("--adapter", default=None,
+                        help="peft adapter folder (OUT/adapter of dealrec finetune / the text-encoder fine-tune)")
     parser.add_argument("--split", default="test", choices=["valid", "test"])
-    parser.add_argument("--beams", type=int, default=4)
-    parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--k", type=int, nargs="+", default=list(DEFAULT_KS), help="cut-offs K")
-    parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-users", type=int, default=None, help="seeded subset of users")
-    parser.add_argument("--prompt", default="generic", choices=sorted(PROMPTS))
-    parser.add_argument("--cutoff-len", type=int, default=512)
-    parser.add_argument("--max-history", type=int, default=10)
-    parser.add_argument("--chunk", type=int, default=4096, help="titles per grounding block")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--model", "--llm", default=None,
-                        help="base model ('tiny', 'smollm2', a folder); default: the adapter's "
-                             "base_model_name_or_path, else 'tiny'")
-    parser.add_argument("--cache-dir", default=".cache/dealrec", help="tiny bases and item-embedding cache")
-    parser.add_argument("--llm-seed", type=int, default=0, help="seed of a tiny base built here")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the user subset")
+    parser.add_argument("--keep-history", action="store_true",
+                        help="do not exclude the users' history items from the ranking (BIGRec's original protocol)")
+    parser.add_argument("--user-batch", type=int, default=64, help="users per rank_items call (one Ray batch)")
+    parser.add_argument("--prompt", default=None, choices=sorted(PROMPTS),
+                        help="prompt preset (bigrec default: generic; textrec: the fine-tune's, else games)")
+    g = parser.add_argument_group("bigrec")
+    g.add_argument("--beams", type=int, default=4)
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--batch-size", type=int, default=8, help="prompts per generate() call")
+    g.add_argument("--cutoff-len", type=int, default=512)
+    g.add_argument("--max-history", type=int, default=10, help="newest history titles in a prompt")
+    g.add_argument("--chunk", type=int, default=4096, help="titles per grounding block")
+    g.add_argument("--model", "--llm", default=None,
+                   help="base model ('tiny', 'smollm2', a folder); default: the adapter's "
+                        "base_model_name_or_path, else 'tiny'")
+    g.add_argument("--cache-dir", default=".cache/dealrec", help="tiny bases and item-embedding cache")
+    g.add_argument("--llm-seed", type=int, default=0, help="seed of a tiny base built here")
     parser.add_argument("--workers", type=int, default=1, help="actors per pool")
     parser.add_argument("--gpu", choices=["auto", "yes", "no"], default="auto")
-    parser.add_argument("--local", action="store_true", help="no Ray: run the models in this process")
+    parser.add_argument("--local", action="store_true", help="no Ray: run the model in this process")
     parser.add_argument("--out", default=None, help="metrics JSON path")
     parser.add_argument("--address", default=None, help="Ray address")
-
-
-def config_from_args(args) -> tuple[EvalConfig, dict]:
-    """The EvalConfig and the LLMConfig fields, validated together.
-
-    Raises:
-        ConfigError: every problem at once.
-    """
-    built, problems = collect_problems([
-        ("evaluate", lambda: EvalConfig(
-            data=str(Path(args.data).resolve()),
-            adapter=str(Path(args.adapter).resolve()) if args.adapter else None, split=args.split,
-            beams=args.beams, max_new_tokens=args.max_new_tokens, ks=tuple(args.k), batch_size=args.batch_size,
-            max_users=args.max_users, prompt=args.prompt, cutoff_len=args.cutoff_len,
-            max_history=args.max_history, chunk=args.chunk, seed=args.seed)),
-    ])
-    if args.workers < 1:
-        problems.append(f"workers={args.workers} must be >= 1")
-    if "evaluate" in built:  # the metrics file (and generations beside it) is checked before evaluating
-        why = writable_problem(metrics_path(built["evaluate"], args.out), option="--out", kind="file")
-        if why:
-            problems.append(why)
-    if args.adapter:  # a malformed adapter folder is named here, not by peft after the models loaded
-        why = adapter_problem(args.adapter)
-        if why:
-            problems.append(why)
-    raise_if(problems, config="evaluate")
-    llm = {"model": args.model or _adapter_base(args.adapter) or "tiny", "adapter": built["evaluate"].adapter,
-           "cache_dir": str(Path(args.cache_dir).resolve()), "seed": args.llm_seed}
-    _, problems = collect_problems([("llm", lambda: LLMConfig.from_dict(llm))])
-    raise_if(problems, config="evaluate")
-    return built["evaluate"], llm
 
 
 def _adapter_base(adapter: str | None) -> str | None:
@@ -117,13 +113,88 @@ def _adapter_base(adapter: str | None) -> str | None:
     return read_json(p).get("base_model_name_or_path") or None
 
 
-def metrics_path(cfg: EvalConfig, out: str | None) -> Path:
-    """Where the metrics JSON goes: ``out``, else ``ADAPTER/../metrics-<split>.json`` (or
-    ``DATA/metrics-<split>.json`` without an adapter); the generations go beside it."""
+def _bigrec_options(args) -> dict:
+    from engine.llm.bigrec.generate import GenerationConfig
+    from engine.llm.bigrec.model import LLMConfig
+    from engine.llm.bigrec.prompts import get_prompt_config
+
+    llm = LLMConfig.from_dict({"model": args.model or _adapter_base(args.adapter) or "tiny",
+                               "cache_dir": str(Path(args.cache_dir).resolve()), "seed": args.llm_seed})
+    gen = GenerationConfig(beams=args.beams, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                           max_history=args.max_history, chunk=args.chunk)
+    prompt = get_prompt_config(args.prompt or "generic", cutoff_len=args.cutoff_len)
+    return {"llm": llm.to_dict(), "prompt": prompt.to_dict(), "generation": gen.to_dict()}
+
+
+def _textrec_options(args) -> dict:
+    """TextRecConfig fields: those the fine-tune recorded beside ``--adapter``, then the options."""
+    from engine.llm.textrec import TextRecConfig
+
+    fields: dict = {}
+    recorded = [Path(args.adapter).parent / f for f in FINETUNE_RECORDS] if args.adapter else []
+    for rec_path in (p for p in recorded if p.is_file()):
+        rec = read_json(rec_path).get("config", {}).get("textrec") or {}
+        fields.update({k: rec[k] for k in TEXTREC_RECORDED if k in rec})
+        if "model" in fields and not (Path(str(fields["model"])) / "config.json").is_file():
+            del fields["model"]  # recorded on another machine: the local default encoder
+        break
+    if args.textrec_model:
+        fields["model"] = str(Path(args.textrec_model).resolve())
+    if args.prompt:
+        fields["prompt"] = args.prompt
+    return {"config": TextRecConfig(**fields).to_dict()}
+
+
+def config_from_args(args) -> tuple[EvalConfig, dict]:
+    """The EvalConfig and the backend's options, validated together.
+
+    Returns:
+        ``(cfg, {"backend": name, "options": backend options, "adapter": folder or None})``.
+
+    Raises:
+        ConfigError: every problem at once.
+    """
+    option_builder = {"bigrec": _bigrec_options, "textrec": _textrec_options}.get(args.backend)
+    builders = [
+        ("evaluate", lambda: EvalConfig(
+            data=str(Path(args.data).resolve()), split=args.split, ks=tuple(args.k), max_users=args.max_users,
+            seed=args.seed, exclude_history=not args.keep_history, user_batch=args.user_batch)),
+    ]
+    if option_builder is not None:
+        builders.append((args.backend, lambda: option_builder(args)))
+    built, problems = collect_problems(builders)
+    if option_builder is None:
+        problems.append(f"--backend {args.backend!r}: this job knows the options of bigrec and textrec only")
+    if args.workers < 1:
+        problems.append(f"--workers {args.workers} must be >= 1")
+    if "evaluate" in built:  # the metrics file (and per-user values beside it) is checked before evaluating
+        why = writable_problem(metrics_path(built["evaluate"], args.out, adapter=args.adapter, backend=args.backend),
+                               option="--out", kind="file")
+        if why:
+            problems.append(why)
+    if args.adapter:  # a malformed adapter folder is named here, not by peft after the models loaded
+        why = adapter_problem(args.adapter)
+        if why:
+            problems.append(why)
+    raise_if(problems, config="evaluate")
+    return built["evaluate"], {"backend": args.backend, "options": built[args.backend],
+                               "adapter": str(Path(args.adapter).resolve()) if args.adapter else None}
+
+
+def metrics_path(cfg: EvalConfig, out: str | None, *, adapter: str | None = None, backend: str = "bigrec") -> Path:
+    """Where the metrics JSON goes: ``out``, else ``ADAPTER/../metrics-<split>.json``, else
+    ``DATA/metrics-<split>.json`` (bigrec) or ``DATA/metrics-<backend>-<split>.json``."""
     if out is not None:
         return Path(out)
-    root = Path(cfg.adapter).parent if cfg.adapter else Path(cfg.data)
-    return root / f"metrics-{cfg.split}.json"
+    if adapter:
+        return Path(adapter).resolve().parent / f"metrics-{cfg.split}.json"
+    name = f"metrics-{cfg.split}.json" if backend == "bigrec" else f"metrics-{backend}-{cfg.split}.json"
+    return Path(cfg.data) / name
+
+
+def per_user_path(metrics: Path) -> Path:
+    """``<metrics stem>.per_user.npz`` beside the metrics JSON."""
+    return metrics.with_name(f"{metrics.stem}.per_user.npz")
 
 
 def _use_gpu(ray, choice: str) -> bool:
@@ -140,123 +211,119 @@ def _blocks(tbl: pa.Table, n: int) -> list[pa.Table]:
     return [tbl.slice(int(a), int(b - a)) for a, b in zip(edges[:-1], edges[1:]) if b > a] or [tbl]
 
 
-def embed_titles_ray(ray, llm: dict, titles: list[str], *, workers: int, use_gpu: bool, batch_size: int = 32):
-    """Base-model embeddings of ``titles`` through a Ray Data ``TitleEmbedder`` pool."""
-    from actors.generate import TitleEmbedder, actor_resources
+def fill_title_cache_ray(ray, spec: dict, titles_ref, missing: list[str], *, workers: int, use_gpu: bool,
+                         batch_size: int = 32) -> np.ndarray:
+    """Embeddings of the ``missing`` titles through a Ray Data ``TitleEmbedder`` pool (index order)."""
+    from actors.rank import TitleEmbedder, actor_resources
 
-    tbl = pa.table({"title_idx": np.arange(len(titles), dtype=np.int64), "title": titles})
-    n_blocks = max(1, min(len(titles) // max(1, batch_size), 4 * workers))
+    tbl = pa.table({"title_idx": np.arange(len(missing), dtype=np.int64), "title": missing})
+    n_blocks = max(1, min(len(missing) // max(1, batch_size), 4 * workers))
     ds = ray.data.from_arrow(_blocks(tbl, n_blocks)).map_batches(
-        TitleEmbedder, fn_constructor_kwargs={"llm": llm, "batch_size": batch_size, "use_gpu": use_gpu},
+        TitleEmbedder, fn_constructor_kwargs={"backend": spec["backend"], "titles": titles_ref,
+                                              "options": spec["options"], "use_gpu": use_gpu},
         compute=ray.data.ActorPoolStrategy(size=workers), batch_size=batch_size, batch_format="numpy",
         **actor_resources(use_gpu=use_gpu))
     rows = ds.take_all()
-    emb = np.zeros((len(titles), len(rows[0]["embedding"])), dtype=np.float32)
+    emb = np.zeros((len(missing), len(rows[0]["embedding"])), dtype=np.float32)
     for r in rows:
         emb[int(r["title_idx"])] = r["embedding"]
     return emb
 
 
-def generate_ray(ray, llm: dict, titles: list[str], histories: list[list[int]], cfg: EvalConfig, *, workers: int,
-                 use_gpu: bool) -> tuple[list[str], np.ndarray]:
-    """Generations and their embeddings through a Ray Data ``Generator`` pool (row order kept)."""
-    from actors.generate import Generator, actor_resources
+def rank_ray(ray, spec: dict, titles_ref, *, workers: int, use_gpu: bool, user_batch: int):
+    """``rank(histories, exclude, k)`` through a Ray Data pool of ``Ranker`` actors (row order kept)."""
+    from actors.rank import Ranker, actor_resources
 
-    tbl = pa.table({"row": np.arange(len(histories), dtype=np.int64),
-                    "history": pa.array(histories, pa.list_(pa.int32()))})
-    n_blocks = max(1, min(len(histories) // max(1, cfg.batch_size), 4 * workers))
-    ds = ray.data.from_arrow(_blocks(tbl, n_blocks)).map_batches(
-        Generator,
-        fn_constructor_kwargs={"llm": llm, "titles": ray.put(titles), "prompt": cfg.prompt,
-                               "cutoff_len": cfg.cutoff_len, "beams": cfg.beams,
-                               "max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size,
-                               "use_gpu": use_gpu},
-        compute=ray.data.ActorPoolStrategy(size=workers), batch_size=cfg.batch_size, batch_format="numpy",
-        **actor_resources(use_gpu=use_gpu))
-    rows = ds.take_all()
-    texts = [""] * len(histories)
-    emb = None
-    for r in rows:
-        i = int(r["row"])
-        if emb is None:
-            emb = np.zeros((len(histories), len(r["embedding"])), dtype=np.float32)
-        texts[i] = str(r["generated"])
-        emb[i] = r["embedding"]
-    return texts, (emb if emb is not None else np.zeros((0, 0), dtype=np.float32))
+    def rank(histories, exclude, k):
+        tbl = pa.table({"row": np.arange(len(histories), dtype=np.int64),
+                        "history": pa.array(histories, pa.list_(pa.int32())),
+                        "exclude": pa.array(exclude, pa.list_(pa.int32()))})
+        n_blocks = max(1, min(len(histories) // max(1, user_batch), 4 * workers))
+        ds = ray.data.from_arrow(_blocks(tbl, n_blocks)).map_batches(
+            Ranker, fn_constructor_kwargs={"backend": spec["backend"], "titles": titles_ref,
+                                           "options": spec["options"], "adapter": spec["adapter"], "k": k,
+                                           "use_gpu": use_gpu},
+            compute=ray.data.ActorPoolStrategy(size=workers), batch_size=user_batch, batch_format="numpy",
+            **actor_resources(use_gpu=use_gpu))
+        out = np.full((len(histories), k), -1, dtype=np.int64)
+        for r in ds.take_all():
+            out[int(r["row"])] = r["ranked"]
+        return out
+
+    return rank
 
 
-def evaluate(cfg: EvalConfig, llm: dict, *, out: str | None = None, workers: int = 1, local: bool = False,
+def evaluate(cfg: EvalConfig, spec: dict, *, out: str | None = None, workers: int = 1, local: bool = False,
              gpu: str = "auto") -> dict:
-    """Run the evaluation end to end and write the metrics JSON.
+    """Run the evaluation end to end and write the metrics JSON and the per-user values.
 
     Args:
         cfg: validated EvalConfig.
-        llm: LLMConfig fields (``model`` base, ``adapter``).
-        out: metrics JSON path (default ``ADAPTER/../metrics-<split>.json`` or
-            ``DATA/metrics-<split>.json`` without adapter).
+        spec: ``{"backend", "options", "adapter"}`` (see :func:`config_from_args`).
+        out: metrics JSON path (default: :func:`metrics_path`).
         workers: actors per Ray Data pool.
         local: run in this process without Ray.
         gpu: auto | yes | no.
 
     Returns:
-        The report written (metrics, counts, timings, config).
+        The report written (metrics, counts, timings, backend, config) and ``path``.
     """
     t0 = time.perf_counter()
-    items = read_items(cfg.data)
-    titles = items.column("title").to_pylist()
-    index = index_titles(titles)
+    titles = read_items(cfg.data).column("title").to_pylist()
     split = read_split(cfg.data, cfg.split)
-    req = eval_requests(split, titles, max_history=cfg.max_history, max_users=cfg.max_users, seed=cfg.seed)
-    llm = dict(llm)
-    base = resolve_base(LLMConfig.from_dict(dict(llm, adapter=None)), titles)
-    llm["model"] = str(Path(base).resolve()) if Path(base).exists() else base
-    timings = {}
+    spec = dict(spec)
+    backend = get_backend(spec["backend"], titles, **spec["options"])
+    if hasattr(backend, "base_model"):  # resolve (and build) a tiny base once, here, not in every actor
+        spec["options"] = dict(spec["options"], llm=dict(spec["options"]["llm"], model=backend.base_model()))
+        backend = get_backend(spec["backend"], titles, **spec["options"])
+    timings: dict = {}
+    cache_hit = None
     if local:
-        from engine.evaluate import embed_texts, generate_texts
-        from engine.llm.bigrec.model import load_llm
-
-        model, tok = load_llm(LLMConfig.from_dict(llm), trainable=False)
-        t = time.perf_counter()
-        title_emb, hit = cached_title_embeddings(
-            llm["cache_dir"], llm["model"], index.titles,
-            lambda ts: embed_texts(model, tok, list(ts), batch_size=32, base=True))
-        timings["title_embedding_s"] = time.perf_counter() - t
-        t = time.perf_counter()
-        texts = generate_texts(model, tok, req["history_titles"], cfg.prompt_config(), beams=cfg.beams,
-                               max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
-        q = embed_texts(model, tok, texts, batch_size=cfg.batch_size, base=True)
-        timings["generation_s"] = time.perf_counter() - t
-        use_gpu = False
+        model = backend.load_model(spec["adapter"])  # on the device its config names
+        use_gpu = next(model.parameters()).device.type == "cuda"
+        if hasattr(backend, "title_embeddings"):
+            t = time.perf_counter()
+            backend.title_embeddings(model)
+            timings["title_embedding_s"] = time.perf_counter() - t
+            cache_hit = backend.title_cache_hit
+        rank = None
     else:
         import ray
 
         use_gpu = _use_gpu(ray, gpu)
-        t = time.perf_counter()
-        title_emb, hit = cached_title_embeddings(
-            llm["cache_dir"], llm["model"], index.titles,
-            lambda ts: embed_titles_ray(ray, llm, list(ts), workers=workers, use_gpu=use_gpu))
-        timings["title_embedding_s"] = time.perf_counter() - t
-        t = time.perf_counter()
-        texts, q = generate_ray(ray, llm, titles, req["history"], cfg, workers=workers, use_gpu=use_gpu)
-        timings["generation_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    metrics, ranked = score_generations(q, title_emb, index, req["targets"], ks=cfg.ks, chunk=cfg.chunk)
-    timings["grounding_s"] = time.perf_counter() - t
-    timings["total_s"] = time.perf_counter() - t0
-    outp = metrics_path(cfg, out)
+        titles_ref = ray.put(titles)
+        missing = backend.title_cache_missing() if hasattr(backend, "title_cache_missing") else None
+        if hasattr(backend, "title_cache_missing"):
+            cache_hit = missing is None
+        if missing:
+            t = time.perf_counter()
+            backend.store_title_embeddings(fill_title_cache_ray(ray, spec, titles_ref, missing, workers=workers,
+                                                                use_gpu=use_gpu))
+            timings["title_embedding_s"] = time.perf_counter() - t
+        model = None
+        rank = rank_ray(ray, spec, titles_ref, workers=workers, use_gpu=use_gpu, user_batch=cfg.user_batch)
+    res = evaluate_backend(backend, model, split, ks=cfg.ks, max_users=cfg.max_users, seed=cfg.seed,
+                           exclude_history=cfg.exclude_history, user_batch=cfg.user_batch, rank=rank)
+    timings.update(res["timings"], total_s=time.perf_counter() - t0)
+    outp = metrics_path(cfg, out, adapter=spec["adapter"], backend=spec["backend"])
     with output_errors(outp, option="--out"):
         outp.parent.mkdir(parents=True, exist_ok=True)
-    report = {"split": cfg.split, "metrics": metrics, "ks": list(cfg.ks), "users": len(req["user_id"]),
-              "title_embedding_cache_hit": hit, "distinct_titles": len(index.titles), "items": index.n_items,
-              "timings": timings, "use_gpu": use_gpu, "config": cfg.to_dict(), "llm": llm, "versions": versions()}
-    k = max(cfg.ks)
-    gen_tbl = pa.table({
-        "user_id": req["user_id"], "generated": texts,
-        "targets": pa.array(req["targets"], pa.list_(pa.int32())),
-        f"top{k}": pa.array(ranked.tolist(), pa.list_(pa.int64())),
-    })
-    atomic_write_with(outp.with_name(f"generations-{cfg.split}.parquet"), lambda tmp: pq.write_table(gen_tbl, tmp),
-                      option="--out")
+    pu = per_user_path(outp)
+    report = {"backend": backend_record(spec["backend"], spec["options"]), "adapter": spec["adapter"],
+              "split": cfg.split, "metrics": res["metrics"], "ks": list(cfg.ks), "users": len(res["user_ids"]),
+              "exclude_history": cfg.exclude_history, "items": len(titles), "timings": timings, "use_gpu": use_gpu,
+              "per_user": pu.name, "config": cfg.to_dict(), "versions": versions()}
+    if spec["backend"] == "bigrec":
+        report.update(llm=dict(spec["options"]["llm"], adapter=spec["adapter"]), title_embedding_cache_hit=cache_hit,
+                      distinct_titles=len(backend.title_index.titles))
+
+    def write_npz(tmp):
+        buf = io.BytesIO()
+        np.savez_compressed(buf, user_ids=np.asarray(res["user_ids"], dtype=str), ranked=res["ranked"],
+                            **res["per_user"])
+        tmp.write_bytes(buf.getvalue())
+
+    atomic_write_with(pu, write_npz, option="--out")
     atomic_write_bytes(outp, json.dumps(report, indent=2, default=str).encode(), option="--out")
     report["path"] = str(outp)
     return report
@@ -268,16 +335,20 @@ def run(args) -> int:
     Returns:
         0 on success.
     """
-    cfg, llm = config_from_args(args)
+    cfg, spec = config_from_args(args)
     if not args.local:
+        from jobs.ray_init import init_ray
+
+        init_ray(address=args.address, runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}})
         import ray
 
-        if not ray.is_initialized():
-            ray.init(address=args.address, runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}})
         ray.data.DataContext.get_current().enable_progress_bars = False
-    rep = evaluate(cfg, llm, out=args.out, workers=args.workers, local=args.local, gpu=args.gpu)
-    print(f"{cfg.split}: {rep['users']} users, {rep['distinct_titles']} distinct titles "
-          f"(cache {'hit' if rep['title_embedding_cache_hit'] else 'miss'}), {rep['timings']['total_s']:.1f}s")
+    rep = evaluate(cfg, spec, out=args.out, workers=args.workers, local=args.local, gpu=args.gpu)
+    extra = ""
+    if rep.get("title_embedding_cache_hit") is not None:
+        extra = (f", {rep['distinct_titles']} distinct titles "
+                 f"(cache {'hit' if rep['title_embedding_cache_hit'] else 'miss'})")
+    print(f"{spec['backend']} {cfg.split}: {rep['users']} users{extra}, {rep['timings']['total_s']:.1f}s")
     print(format_table(rep["metrics"], ks=cfg.ks))
     print(f"metrics: {rep['path']}")
     return 0

@@ -1,4 +1,5 @@
-"""Evaluation end to end on a tiny prepared data set: Ray Data actor pools, grounding, metrics JSON."""
+"""`dealrec evaluate` end to end on a tiny prepared data set: the Ray Data pools (TitleEmbedder, Ranker)
+against the in-process path, for BIGRec and textrec; history exclusion; metrics JSON + per-user npz."""
 
 from __future__ import annotations
 
@@ -57,10 +58,12 @@ def test_evaluate_end_to_end_writes_all_k(ray_cluster, setup):
     from jobs import evaluate
 
     common = ["--data", str(setup["data"]), "--adapter", str(setup["adapter"]), "--split", "test",
-              "--beams", "2", "--max-new-tokens", "8", "--cache-dir", str(setup["cache"]), "--batch-size", "4"]
+              "--beams", "2", "--max-new-tokens", "8", "--cache-dir", str(setup["cache"]), "--batch-size", "4",
+              "--user-batch", "8"]
     out = setup["root"] / "m-ray.json"
-    assert evaluate.run(parse(common + ["--out", str(out), "--workers", "1"])) == 0
+    assert evaluate.run(parse(common + ["--out", str(out), "--workers", "1", "--keep-history"])) == 0
     rep = json.loads(out.read_text())
+    assert rep["backend"]["name"] == "bigrec" and rep["exclude_history"] is False
     for k in (5, 10, 20, 50):
         for name in ("recall", "ndcg"):
             assert 0.0 <= rep["metrics"][f"{name}@{k}"] <= 1.0
@@ -69,16 +72,57 @@ def test_evaluate_end_to_end_writes_all_k(ray_cluster, setup):
     # recall is monotone in K; with 30 items and K=50 every target is retrieved
     assert rep["metrics"]["recall@5"] <= rep["metrics"]["recall@10"] <= rep["metrics"]["recall@20"]
     assert rep["metrics"]["recall@50"] == pytest.approx(1.0)
-    assert not rep["title_embedding_cache_hit"]
-    assert (setup["root"] / "generations-test.parquet").exists()
+    assert not rep["title_embedding_cache_hit"]  # the TitleEmbedder pool filled it
+    with np.load(setup["root"] / "m-ray.per_user.npz") as z:
+        ray_ranked = z["ranked"]
+        assert z["recall@20"].mean() == pytest.approx(rep["metrics"]["recall@20"], abs=1e-12)
 
-    # the in-process path gives the same metrics, and reuses the cached item embeddings
+    # the in-process path gives the same rankings, and reuses the cached item embeddings
     out2 = setup["root"] / "m-local.json"
-    assert evaluate.run(parse(common + ["--out", str(out2), "--local"])) == 0
+    assert evaluate.run(parse(common + ["--out", str(out2), "--local", "--keep-history"])) == 0
     rep2 = json.loads(out2.read_text())
     assert rep2["title_embedding_cache_hit"]
     for key, v in rep["metrics"].items():
         assert rep2["metrics"][key] == pytest.approx(v, abs=1e-9)
+    with np.load(setup["root"] / "m-local.per_user.npz") as z:
+        np.testing.assert_array_equal(z["ranked"], ray_ranked)
+
+    # the protocol's default drops each user's history from the ranking
+    out3 = setup["root"] / "m-excl.json"
+    assert evaluate.run(parse(common + ["--out", str(out3), "--local"])) == 0
+    with np.load(setup["root"] / "m-excl.per_user.npz") as z:
+        excl = z["ranked"]
+    from engine.data.schema import read_split
+    from engine.evaluate import eval_users
+
+    hist = eval_users(read_split(setup["data"], "test"))["history"]
+    for h, r, full in zip(hist, excl, ray_ranked):
+        assert r.tolist() == ([int(i) for i in full if int(i) not in set(h)] + [-1] * len(h))[:50]
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_textrec_ray_pool_equals_local(ray_cluster, setup):
+    """`--backend textrec` through the Ranker pool (2 actors) ranks exactly as in process."""
+    from engine.llm.bigrec.prompts import PROMPTS
+    from engine.llm.textrec import build_tiny_encoder
+    from engine.llm.textrec.backend import TextEncoderBackend
+    from jobs import evaluate
+
+    titles = read_items(setup["data"]).column("title").to_pylist()
+    enc = str(build_tiny_encoder(setup["root"] / "enc", titles * 2 + [PROMPTS["games"].input_prefix] * 2))
+    be = TextEncoderBackend(titles, config={"model": enc, "init_lora_weights": False, "seed": 2})
+    be.build_model().encoder.save_pretrained(str(setup["root"] / "text-adapter"))
+    common = ["--backend", "textrec", "--textrec-model", enc, "--data", str(setup["data"]), "--adapter",
+              str(setup["root"] / "text-adapter"), "--split", "valid", "--user-batch", "5"]
+    got = {}
+    for mode, extra in (("ray", ["--workers", "2"]), ("local", ["--local"])):
+        out = setup["root"] / f"t-{mode}.json"
+        assert evaluate.run(parse(common + extra + ["--out", str(out)])) == 0
+        with np.load(setup["root"] / f"t-{mode}.per_user.npz") as z:
+            got[mode] = (json.loads(out.read_text())["metrics"], z["ranked"], z["user_ids"].tolist())
+    assert got["ray"][0] == got["local"][0] and got["ray"][2] == got["local"][2]
+    np.testing.assert_array_equal(got["ray"][1], got["local"][1])
 
 
 def test_bad_arguments_reported_together(setup, tmp_path):

@@ -74,8 +74,32 @@ def test_ground_expansion_equals_item_level_argsort_random():
         np.testing.assert_array_equal(out, dense)
 
 
+@pytest.mark.parametrize("query_chunk", [1, 4, 100])
+def test_ground_exclude_equals_item_level_argsort_without_them(query_chunk):
+    """Excluded items drop out and the rest move up: the dense stable argsort over the item
+    embeddings with each user's excluded items removed, -1 where fewer than k remain."""
+    rng = np.random.default_rng(4)
+    titles = [f"t{rng.integers(0, 12)}" for _ in range(30)]
+    idx = index_titles(titles)
+    emb = rng.normal(size=(len(idx.titles), 3))
+    q = rng.normal(size=(9, 3))
+    exclude = [rng.choice(30, size=rng.integers(0, 12), replace=False).tolist() for _ in range(9)]
+    _, dense = _dense(q, emb[idx.item_title], 30)
+    for k in (1, 5, 25, 30):
+        out = ground(q, emb, idx, k, chunk=3, query_chunk=query_chunk, exclude=exclude)
+        assert out.shape == (9, k)
+        for u in range(9):
+            want = [int(i) for i in dense[u] if int(i) not in set(exclude[u])][:k]
+            assert out[u].tolist() == want + [-1] * (k - len(want))
+    # no exclusion at all is the plain grounding
+    np.testing.assert_array_equal(ground(q, emb, idx, 7, exclude=[[]] * 9), ground(q, emb, idx, 7))
+    assert ground(q, emb, idx, 40, pad=True)[:, 30:].tolist() == [[-1] * 10] * 9
+
+
 def test_bad_arguments():
     with pytest.raises(ConfigError):
         topk_l2(np.zeros((2, 3)), np.zeros((4, 2)), 0)
     with pytest.raises(ConfigError):
         ground(np.zeros((2, 3)), np.zeros((4, 3)), index_titles(["a", "b"]), 2)
+    with pytest.raises(ConfigError):
+        ground(np.zeros((2, 3)), np.zeros((2, 3)), index_titles(["a", "b"]), 2, exclude=[[0]])

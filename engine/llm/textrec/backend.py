@@ -54,6 +54,30 @@ class TextEncoderBackend:
         self._tokenizer = model.tokenizer
         return model
 
+    def load_model(self, adapter: str | None = None, *, device: str | None = None) -> nn.Module:
+        """An eval-mode model for ranking: the encoder with a fresh LoRA, or with the fine-tuned
+        LoRA of ``adapter`` (a peft folder a text-encoder fine-tune exported; its rank, alpha and
+        target modules are read from the folder, :mod:`engine.llm.textrec.adapter`, the weights
+        loaded by :func:`engine.finetune.adapter.load_adapter`).
+
+        Raises:
+            DataError: the adapter folder is unreadable or does not fit the encoder.
+        """
+        from dataclasses import replace
+
+        from engine.finetune.adapter import load_adapter
+        from engine.llm.textrec import build_model
+        from engine.llm.textrec.adapter import adapter_lora_fields
+
+        cfg = self.cfg
+        if adapter is not None:
+            cfg = replace(cfg, **adapter_lora_fields(adapter))
+        if device is not None:
+            cfg = replace(cfg, device=device)
+        model = build_model(cfg)
+        self._tokenizer = model.tokenizer
+        return load_adapter(model, adapter) if adapter is not None else model
+
     def encode_samples(self, sample_ids, histories, targets) -> dict:
         """:func:`engine.llm.textrec.collate_effort` (target + negatives fixed by sample id)."""
         from engine.llm.textrec import collate_effort
