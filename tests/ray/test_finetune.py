@@ -1,9 +1,11 @@
 """The one fine-tune loop, BIGRec backend: local, DDP and DeepSpeed train the same LoRA; exact resume.
 
 LoRA dropout is 0, so every run is a deterministic function of the config and the strategies can
-be compared (up to float rounding: ranks sum gradients in another order). The first DeepSpeed
-initialisation on a machine compiles its shared-memory comm op (~30-60 s, cached in
-~/.cache/torch_extensions); later Ray Train runs take ~20-30 s each here.
+be compared (up to float rounding: ranks sum gradients in another order). The default tier runs
+the local run (no Ray) and one interrupted + resumed DeepSpeed run; DDP and ZeRO-3 are slow-tier.
+The first DeepSpeed initialisation on a machine compiles its shared-memory comm op (~30-60 s,
+cached in ~/.cache/torch_extensions); later Ray Train runs take ~20-30 s each on an idle 2-core
+machine (minutes when it is shared).
 """
 
 from __future__ import annotations
@@ -198,7 +200,7 @@ def test_changed_config_is_refused_on_ray(deepspeed_run, data, cache):
 
 @pytest.mark.ray
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("extra", [pytest.param(["--strategy", "ddp"], id="ddp"),
+@pytest.mark.parametrize("extra", [pytest.param(["--strategy", "ddp"], id="ddp", marks=pytest.mark.slow),
                                    pytest.param(["--zero", "3"], id="zero3", marks=pytest.mark.slow)])
 def test_ddp_and_zero3_train_the_local_adapter(ray_cluster, data, cache, local, tmp_path, extra):
     from jobs import finetune

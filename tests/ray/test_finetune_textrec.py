@@ -3,8 +3,8 @@ DDP and DeepSpeed (ZeRO-2, gloo, fp32) train the same adapter. The item embeddin
 are all-gathered with autograd by the backend, so each step is the whole batch's loss.
 
 Dropout is switched off (BERT's and LoRA's) so that every run is a deterministic function of the
-config. ~20-30 s per Ray Train run on 2 cores (the DeepSpeed shm comm op compiles once per
-machine, ~40 s more).
+config. ~20-30 s per Ray Train run on an idle 2-core machine (the DeepSpeed shm comm op compiles
+once per machine, ~40 s more); the DDP run is slow-tier.
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ def test_textrec_config_errors_name_field_and_value(tiny, tmp_path):
 
 @pytest.mark.ray
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("strategy", ["deepspeed", "ddp"])
+@pytest.mark.parametrize("strategy", ["deepspeed", pytest.param("ddp", marks=pytest.mark.slow)])
 def test_two_workers_train_the_local_adapter(ray_cluster, tiny, local, tmp_path, strategy):
     from jobs import finetune
 
