@@ -21,7 +21,7 @@ SUBCOMMANDS = {
     "prepare": ("jobs.prepare", "convert raw data (DEALRec release, RecBole, Amazon JSON, synthetic) to canonical Parquet"),
     "prune": ("jobs.prune", "score every sample (influence + effort) and select the few-shot subset"),
     "finetune": ("jobs.finetune", "fine-tune the LoRA LLM on a selected subset (Ray Train + DeepSpeed)"),
-    "evaluate": ("jobs.evaluate", "generate, ground to items and compute Recall/NDCG@K"),
+    "evaluate": ("jobs.evaluate", "rank the valid/test users through an LLM backend (--backend) and compute Recall/NDCG@K"),
     "tune": ("jobs.tune", "Ray Tune over lambda and K on cached scores"),
     "train-surrogate": ("jobs.surrogate_train", "train the surrogate recommender alone (on the driver or Ray Train)"),
 }

@@ -10,8 +10,11 @@ period with items in it (history = everything before it, excluded from the ranki
   (keyed by base model + titles); on a miss a Ray Data ``TitleEmbedder`` pool fills the cache
   before the rankers start.
 * ``--backend textrec``: the sentence encoder + the fine-tuned LoRA of ``--adapter`` (OUT/adapter
-  of the text-encoder fine-tune; its config beside it gives prompt and text lengths), cosine
-  ranking over the catalogue.
+  of ``dealrec finetune --backend textrec``), cosine ranking over the catalogue.
+
+Options left unset that the fine-tune recorded beside ``--adapter`` (its finetune_config.json:
+bigrec prompt, cutoff length and history length; textrec encoder, prompt and text lengths) are
+taken from there, so an adapter is evaluated on the text it was trained on.
 
 With Ray, a Ray Data pool of ``Ranker`` actors (actors/rank.py, one backend replica each) ranks
 the users in batches of ``--user-batch``; ``--local`` runs the backend in this process. Writes
@@ -84,13 +87,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="do not exclude the users' history items from the ranking (BIGRec's original protocol)")
     parser.add_argument("--user-batch", type=int, default=64, help="users per rank_items call (one Ray batch)")
     parser.add_argument("--prompt", default=None, choices=sorted(PROMPTS),
-                        help="prompt preset (bigrec default: generic; textrec: the fine-tune's, else games)")
+                        help="prompt preset (default: the fine-tune's, recorded beside --adapter; else bigrec "
+                             "generic, textrec games)")
     g = parser.add_argument_group("bigrec")
     g.add_argument("--beams", type=int, default=4)
     g.add_argument("--max-new-tokens", type=int, default=32)
     g.add_argument("--batch-size", type=int, default=8, help="prompts per generate() call")
-    g.add_argument("--cutoff-len", type=int, default=512)
-    g.add_argument("--max-history", type=int, default=10, help="newest history titles in a prompt")
+    g.add_argument("--cutoff-len", type=int, default=None, help="max prompt tokens (default: the fine-tune's, else 512)")
+    g.add_argument("--max-history", type=int, default=None,
+                   help="newest history titles in a prompt (default: the fine-tune's, else 10)")
     g.add_argument("--chunk", type=int, default=4096, help="titles per grounding block")
     g.add_argument("--model", "--llm", default=None,
                    help="base model ('tiny', 'smollm2', a folder); default: the adapter's "
@@ -113,16 +118,33 @@ def _adapter_base(adapter: str | None) -> str | None:
     return read_json(p).get("base_model_name_or_path") or None
 
 
+def _finetune_record(adapter: str | None, backend: str) -> dict:
+    """The config of the ``backend`` fine-tune that wrote ``adapter`` (the JSON beside it), or {}."""
+    for rec_path in ([Path(adapter).parent / f for f in FINETUNE_RECORDS] if adapter else []):
+        if rec_path.is_file():
+            conf = read_json(rec_path).get("config") or {}
+            # the former textrec job recorded no backend; its config has a textrec section
+            if conf.get("backend", "textrec" if "textrec" in conf else None) == backend:
+                return conf
+    return {}
+
+
 def _bigrec_options(args) -> dict:
     from engine.llm.bigrec.generate import GenerationConfig
     from engine.llm.bigrec.model import LLMConfig
     from engine.llm.bigrec.prompts import get_prompt_config
 
+    rec = _finetune_record(args.adapter, "bigrec")  # evaluate with the prompt the adapter was trained on
+
+    def pick(flag, field, default):
+        return flag if flag is not None else rec.get(field) if rec.get(field) is not None else default
+
     llm = LLMConfig.from_dict({"model": args.model or _adapter_base(args.adapter) or "tiny",
                                "cache_dir": str(Path(args.cache_dir).resolve()), "seed": args.llm_seed})
     gen = GenerationConfig(beams=args.beams, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                           max_history=args.max_history, chunk=args.chunk)
-    prompt = get_prompt_config(args.prompt or "generic", cutoff_len=args.cutoff_len)
+                           max_history=pick(args.max_history, "max_history", 10), chunk=args.chunk)
+    prompt = get_prompt_config(pick(args.prompt, "prompt", "generic"),
+                               cutoff_len=pick(args.cutoff_len, "cutoff_len", 512))
     return {"llm": llm.to_dict(), "prompt": prompt.to_dict(), "generation": gen.to_dict()}
 
 
@@ -130,14 +152,10 @@ def _textrec_options(args) -> dict:
     """TextRecConfig fields: those the fine-tune recorded beside ``--adapter``, then the options."""
     from engine.llm.textrec import TextRecConfig
 
-    fields: dict = {}
-    recorded = [Path(args.adapter).parent / f for f in FINETUNE_RECORDS] if args.adapter else []
-    for rec_path in (p for p in recorded if p.is_file()):
-        rec = read_json(rec_path).get("config", {}).get("textrec") or {}
-        fields.update({k: rec[k] for k in TEXTREC_RECORDED if k in rec})
-        if "model" in fields and not (Path(str(fields["model"])) / "config.json").is_file():
-            del fields["model"]  # recorded on another machine: the local default encoder
-        break
+    rec = _finetune_record(args.adapter, "textrec").get("textrec") or {}
+    fields = {k: rec[k] for k in TEXTREC_RECORDED if k in rec}
+    if "model" in fields and not (Path(str(fields["model"])) / "config.json").is_file():
+        del fields["model"]  # recorded on another machine: the local default encoder
     if args.textrec_model:
         fields["model"] = str(Path(args.textrec_model).resolve())
     if args.prompt:

@@ -226,6 +226,31 @@ def test_job_bigrec_local(data, bigrec, tmp_path, capsys):
         assert ((z["ranked"] >= 0) & (z["ranked"] < 60)).all()
 
 
+def test_job_takes_unset_text_options_from_the_finetune_record(tmp_path, data):
+    """An adapter is evaluated on the prompt it was trained with (finetune_config.json beside it);
+    an option given on the command line wins."""
+    import argparse
+
+    from engine.llm.bigrec.prompts import PROMPTS
+    from jobs import evaluate as ev
+
+    ad = tmp_path / "ft" / "adapter"
+    ad.mkdir(parents=True)
+    (ad / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": "tiny"}))
+    (ad / "adapter_model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    (tmp_path / "ft" / "finetune_config.json").write_text(json.dumps(
+        {"config": {"backend": "bigrec", "prompt": "games", "cutoff_len": 256, "max_history": 4}}))
+    p = argparse.ArgumentParser()
+    ev.add_arguments(p)
+    _, spec = ev.config_from_args(p.parse_args(["--data", str(data), "--adapter", str(ad), "--local"]))
+    assert spec["options"]["prompt"]["instruction"] == PROMPTS["games"].instruction
+    assert spec["options"]["prompt"]["cutoff_len"] == 256 and spec["options"]["generation"]["max_history"] == 4
+    _, spec = ev.config_from_args(p.parse_args(["--data", str(data), "--adapter", str(ad), "--local",
+                                                "--prompt", "generic", "--max-history", "7"]))
+    assert spec["options"]["prompt"]["instruction"] == PROMPTS["generic"].instruction
+    assert spec["options"]["generation"]["max_history"] == 7
+
+
 def test_job_user_errors_name_the_field(data, tmp_path, capsys):
     from jobs.cli import main
 
