@@ -256,8 +256,8 @@ def test_backends_satisfy_protocol(model, cfg, cat):
         assert tb.train_loss(model, tb.encode_train(s["history"], s["target"])).ndim == 0
     assert tb.rank_items(model, s["history"], 5).shape == (4, 5)
     assert isinstance(BigRecBackend(TITLES), LLMBackend)
-    with pytest.raises(NotImplementedError, match="grounding"):
-        BigRecBackend(TITLES).rank_items(None, [[0]], 5)
+    with pytest.raises(ConfigError, match="k=0"):  # BIGRec ranks by generation + grounding (test_evaluate_backend)
+        BigRecBackend(TITLES).rank_items(None, [[0]], 0)
     with pytest.raises(ConfigError, match="expected one of"):
         get_backend("gpt", TITLES)
     with pytest.raises(ConfigError, match="backend 'textrec'"):
