@@ -17,9 +17,9 @@ history -> first valid target; the backend's batch-independent per-sample loss).
 
 Outputs in OUT: ``adapter/`` (best epoch, peft ``save_pretrained`` format), ``finetune.json``
 (config, backend, per-epoch losses, wall time, steps, samples/s, per-rank LoRA checksums),
-``finetune_config.json`` (config + fingerprint), and with ``--split valid|test`` (textrec)
-``metrics.json`` + ``per_user.npz`` (Recall/NDCG@K of the adapter; re-evaluated, never retrained,
-when only the evaluation options change).
+``finetune_config.json`` (config + fingerprint), and with ``--split valid|test`` ``metrics.json`` +
+``per_user.npz`` (Recall/NDCG@K of the adapter through the generic evaluator over
+``backend.rank_items``; re-evaluated, never retrained, when only the evaluation options change).
 
 On a cluster (the data folder and OUT must be on storage every node sees)::
 
@@ -58,14 +58,13 @@ import shutil
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import replace
 
 import numpy as np
 
 from engine.config import collect_problems, raise_if, versions
 from engine.data.schema import check_samples, read_id_column, read_items, read_sample_rows, read_split
 from engine.errors import ConfigError, DataError, ResumeError
-from engine.finetune import BEST_ADAPTER_DIR, FinetuneConfig, copy_tree, load_adapter, read_state, samples_per_second
+from engine.finetune import BEST_ADAPTER_DIR, FinetuneConfig, copy_tree, read_state, samples_per_second
 from engine.llm.bigrec.prompts import PROMPTS
 from engine.metrics import DEFAULT_KS
 from engine.rundir import atomic_write_bytes, output_errors, read_json
@@ -150,7 +149,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="end this invocation after N epochs; rerun to resume")
     parser.add_argument("--time-budget-s", type=float, default=None, help="stop training after this wall time")
     parser.add_argument("--split", default="none", choices=["none", "valid", "test"],
-                        help="evaluate the adapter after training (textrec)")
+                        help="evaluate the adapter after training (engine.evaluate.evaluate_backend)")
     parser.add_argument("--max-eval-users", type=int, default=None, help="seeded subset of users (default all)")
     parser.add_argument("--eval-seed", type=int, default=0)
     parser.add_argument("--ks", type=int, nargs="+", default=list(DEFAULT_KS))
@@ -200,8 +199,6 @@ def config_from_args(args) -> FinetuneConfig:
     cfg = built.get("finetune")
     path_cfg = cfg if cfg is not None else _PathsOnly(fields)
     problems.extend(path_cfg.path_problems())
-    if cfg is not None:
-        problems.extend(evaluation_problems(cfg))
     raise_if(problems, config="finetune")
     return cfg
 
@@ -213,16 +210,6 @@ class _PathsOnly:
         self.__dict__.update(fields)
 
     path_problems = FinetuneConfig.path_problems
-
-
-def evaluation_problems(cfg: FinetuneConfig) -> list[str]:
-    """Why the evaluation after training that ``cfg`` asks for cannot run (empty: it can)."""
-    if cfg.split == "none" or cfg.backend == "textrec":
-        return []
-    # TODO(#18): the generic evaluator over backend.rank_items (engine/evaluate.py) replaces
-    # textrec's own evaluate here; until it lands, other backends are evaluated by `dealrec evaluate`.
-    return [f"split={cfg.split!r}: evaluation after training is not available for backend {cfg.backend!r} yet; "
-            f"use --split none and `dealrec evaluate` on OUT/{ADAPTER_DIR}"]
 
 
 # ---------------------------------------------------------------- data for the workers
@@ -454,12 +441,12 @@ def fit(cfg: FinetuneConfig, *, overwrite: bool = False, payload: dict | None = 
         split none), ``trained`` and ``evaluated`` (False: reused).
 
     Raises:
-        ConfigError: bad paths, or an evaluation the backend cannot run.
+        ConfigError: bad paths.
         ResumeError: ``cfg.out`` holds a run of another config and ``overwrite`` is false.
         DataError: bad input data.
     """
     log = log or (lambda *_: None)
-    raise_if(cfg.path_problems() + evaluation_problems(cfg), config="finetune")
+    raise_if(cfg.path_problems(), config="finetune")
     out = Path(cfg.out)
     discard = check_resume(cfg, overwrite=overwrite)
     report = None if discard else _finished_report(cfg)
@@ -491,7 +478,7 @@ def fit(cfg: FinetuneConfig, *, overwrite: bool = False, payload: dict | None = 
             _train_ray(cfg, payload, base, finish)
     else:
         _write_config(cfg)  # the same training; the evaluation options of this call
-    metrics, evaluated = _evaluate(cfg)
+    metrics, evaluated = _evaluate_run(cfg)
     return {**report, "metrics": metrics, "trained": trained, "evaluated": evaluated}
 
 
@@ -551,7 +538,7 @@ def _finish(cfg: FinetuneConfig, ckpt_dir: Path, *, use_gpu: bool, where: str, b
 
 
 # ---------------------------------------------------------------- evaluation after training
-def _evaluate(cfg: FinetuneConfig) -> tuple[dict | None, bool]:
+def _evaluate_run(cfg: FinetuneConfig) -> tuple[dict | None, bool]:
     if cfg.split == "none":
         return None, False
     out = Path(cfg.out)
@@ -577,20 +564,24 @@ def _evaluate(cfg: FinetuneConfig) -> tuple[dict | None, bool]:
 
 
 def evaluate_adapter(cfg: FinetuneConfig, adapter: str | os.PathLike) -> dict:
-    """Recall/NDCG@K of ``adapter`` on ``cfg.split`` (seeded ``cfg.max_eval_users`` subset drawn with
-    ``cfg.eval_seed``, not the training seed, so every run of a comparison sees the same users).
+    """Recall/NDCG@K of ``adapter`` on ``cfg.split`` through the generic evaluator (seeded
+    ``cfg.max_eval_users`` subset drawn with ``cfg.eval_seed``, not the training seed, so every run
+    of a comparison sees the same users; history items excluded).
 
-    Raises:
-        ConfigError: the backend has no evaluation after training here (:func:`evaluation_problems`).
+    Returns:
+        ``recall@K``/``ndcg@K``, ``users``, ``per_user`` ({metric: [users]}), ``user_ids``, ``seconds``.
     """
-    raise_if(evaluation_problems(cfg), config="finetune")
-    return evaluate_splits(cfg.textrec, cfg.data, adapter, {cfg.split: cfg.max_eval_users},
-                           eval_seed=cfg.eval_seed, ks=cfg.ks)[cfg.split]
+    from engine.llm import get_backend
+
+    titles = read_items(cfg.data).column("title").to_pylist()
+    backend = get_backend(cfg.backend, titles, **cfg.backend_options())
+    return _evaluate(backend, cfg.data, adapter, {cfg.split: cfg.max_eval_users}, eval_seed=cfg.eval_seed,
+                     ks=cfg.ks)[cfg.split]
 
 
 def evaluate_splits(textrec, data: str | os.PathLike, adapter: str | os.PathLike, max_users: dict[str, int | None],
                     *, eval_seed: int = 0, ks: Sequence[int] = DEFAULT_KS) -> dict[str, dict]:
-    """:func:`engine.llm.textrec.evaluate` of a textrec adapter on several splits with ONE loaded model.
+    """:func:`evaluate_adapter` of a textrec adapter on several splits with ONE loaded model.
 
     Args:
         textrec: the TextRecConfig (or dict) the adapter was trained with.
@@ -601,14 +592,27 @@ def evaluate_splits(textrec, data: str | os.PathLike, adapter: str | os.PathLike
         ks: cut-offs.
 
     Returns:
-        ``{split: evaluate(...) result}`` (means, ``users``, ``per_user``, ``user_ids``, wall times).
+        ``{split: evaluate_adapter-like result}``.
     """
-    from engine.llm.textrec import TextRecConfig, build_model, evaluate
+    from engine.llm import get_backend
+    from engine.llm.textrec import TextRecConfig
 
-    tc = TextRecConfig.from_dict(textrec)
-    model = load_adapter(build_model(tc), adapter)
-    return {sp: evaluate(model, data, sp, replace(tc, seed=eval_seed), max_users=n, ks=ks)
-            for sp, n in max_users.items()}
+    titles = read_items(data).column("title").to_pylist()
+    backend = get_backend("textrec", titles, config=TextRecConfig.from_dict(textrec).to_dict())
+    return _evaluate(backend, data, adapter, max_users, eval_seed=eval_seed, ks=ks)
+
+
+def _evaluate(backend, data, adapter, max_users: dict[str, int | None], *, eval_seed: int,
+              ks: Sequence[int]) -> dict[str, dict]:
+    from engine.evaluate import evaluate_backend
+
+    model = backend.load_model(str(adapter))
+    out = {}
+    for split, n in max_users.items():
+        r = evaluate_backend(backend, model, data, split, ks=ks, max_users=n, seed=eval_seed)
+        out[split] = {**r["metrics"], "per_user": r["per_user"], "user_ids": r["user_ids"],
+                      "seconds": r["timings"]["total_s"], "seconds_per_user": r["timings"]["per_user_s"]}
+    return out
 
 
 def read_per_user(out: str | os.PathLike) -> dict:

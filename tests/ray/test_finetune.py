@@ -108,8 +108,8 @@ def test_user_errors_are_named_config_errors(tmp_path, data):
     """Backend-specific refusals are ConfigErrors naming the field and value (never a bare ValueError)."""
     from jobs import finetune
 
-    with pytest.raises(ConfigError, match=r"split='test'.*bigrec"):
-        finetune.config_from_args(parse(base_args(data, tmp_path / "o", tmp_path, "--split", "test")))
+    with pytest.raises(ConfigError, match=r"batch_size=8 must be a multiple of micro_batch x workers = 6"):
+        finetune.config_from_args(parse(base_args(data, tmp_path / "o", tmp_path, "--micro-batch", "3")))
     with pytest.raises(ConfigError, match="backend='horovod'"):
         FinetuneConfig(data=str(data), out=str(tmp_path), all_samples=True, backend="horovod")
     with pytest.raises(ConfigError, match="textrec options given"):
