@@ -107,7 +107,8 @@ def add_llm_arguments(parser: argparse.ArgumentParser) -> None:
 
 def llm_config_from_args(args) -> dict:
     return {"model": args.model, "lora_r": args.lora_r, "lora_alpha": args.lora_alpha,
-            "lora_dropout": args.lora_dropout, "target_modules": list(args.target_modules),
+            "lora_dropout": args.lora_dropout,
+            "target_modules": list(args.target_modules or BACKEND_DEFAULTS["bigrec"]["target_modules"]),
             "cache_dir": str(Path(args.cache_dir).resolve()), "seed": args.llm_seed}
 
 
