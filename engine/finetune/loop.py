@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from engine.errors import ResumeError
 from engine.finetune.adapter import export_adapter, lora_checksum
@@ -253,7 +254,8 @@ def _gather_objects(obj, world: int) -> list:
 # ------------------------------------------------------------------ the loop
 def train(backend, data: dict, cfg: FinetuneConfig, *, report: Callable[[dict, Path, str], None], rank: int = 0,
           world: int = 1, device="cpu", on_gpu: bool = False, wrap_model: Callable | None = None,
-          restore: Path | None = None, log: Callable[[str], None] | None = None) -> dict:
+          restore: Path | None = None, log: Callable[[str], None] | None = None,
+          on_epoch: Callable[[nn.Module, dict], dict] | None = None) -> dict:
     """Fine-tune ``backend``'s LoRA on ``data``: the local run, or one data-parallel rank.
 
     Every epoch: :func:`run_epoch`, the validation loss (mean ``backend.per_sample_loss`` over the
@@ -276,6 +278,9 @@ def train(backend, data: dict, cfg: FinetuneConfig, *, report: Callable[[dict, P
         wrap_model: DDP wrapper for ``strategy="ddp"`` (e.g. ``ray.train.torch.prepare_model``).
         restore: a checkpoint folder to resume from (as ``report`` got it).
         log: progress lines (rank 0).
+        on_epoch: ``on_epoch(model, epoch_record) -> extra metrics`` after each epoch's validation
+            loss (e.g. a ranking metric for Ray Tune); the extras join the epoch's record and the
+            metrics handed to ``report``.
 
     Returns:
         The final state (``history`` with per-epoch losses, checksums, steps; ``best_epoch``, ...).
@@ -329,6 +334,8 @@ def train(backend, data: dict, cfg: FinetuneConfig, *, report: Callable[[dict, P
             if update_state(state, cfg, stats, val):
                 export_adapter(stepper.model, best_dir, rank=rank, zero3=stepper.zero3)
             rec = state["history"][-1]
+            if on_epoch is not None:
+                rec["extra"] = {k: float(v) for k, v in on_epoch(stepper.model, dict(rec)).items()}
             rec["rank_checksums"] = _gather_objects(lora_checksum(stepper.model, zero3=stepper.zero3), world)
             rec["optimizer_steps"] = stepper.optimizer_steps
             ran += 1
@@ -356,4 +363,4 @@ def _checkpoint(state: dict, stepper, best_dir: Path, rank: int, report, name: s
         rec = state["history"][-1] if state["history"] else {}
         val = rec.get("val_loss")
         report({"epoch": state["epoch"], "train_loss": rec.get("train_loss", float("nan")),
-                "val_loss": float("nan") if val is None else val}, tmp, name)
+                "val_loss": float("nan") if val is None else val, **rec.get("extra", {})}, tmp, name)

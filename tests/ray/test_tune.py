@@ -1,4 +1,5 @@
-"""Ray Tune over lambda / K on cached scores: 4 trials, ASHA, results table and best config."""
+"""Ray Tune over lambda / K on cached scores, any backend: ASHA (bigrec) and a grid (textrec),
+results table, best config, a finished search reused; a prune run of another backend refused."""
 
 from __future__ import annotations
 
@@ -67,7 +68,7 @@ def test_bad_search_space_reported_together(tmp_path):
     tune.add_arguments(p)
     args = p.parse_args(["--run", str(tmp_path), "--data", str(tmp_path), "--samples", "0", "--budget", "999",
                          "--method", "grand", "--lam", "-1"])
-    _, problems = tune.check_args(args, 48, {"influence": np.zeros(48), "effort": np.zeros(48)})
+    _, problems = tune.check_args(args, 48, {"influence": np.zeros(48), "effort": np.zeros(48)}, tmp_path)
     assert len(problems) >= 3
 
 
@@ -88,3 +89,38 @@ def test_bad_input_fails_before_ray_starts(tmp_path, monkeypatch):
     args = p.parse_args(["--run", str(tmp_path / "no-run"), "--data", str(tmp_path / "no-data")])
     with pytest.raises(DataError):
         tune.run(args)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(900)
+def test_textrec_grid_every_combination_once_then_reused(ray_cluster, tmp_path):
+    from engine.errors import ConfigError
+    from engine.llm.textrec import build_tiny_encoder
+    from jobs import tune
+
+    data = make_tiny_data(tmp_path / "data")
+    titles = pq.read_table(data / "items.parquet").column("title").to_pylist()
+    enc = build_tiny_encoder(tmp_path / "enc", titles + ["The user has purchased the following"])
+    run = tmp_path / "run"
+    run.mkdir()
+    rng = np.random.default_rng(1)
+    pq.write_table(pa.table({"sample_id": np.arange(48), "influence": rng.normal(size=48), "effort": rng.random(48)}),
+                   run / "scores.parquet")
+    p = argparse.ArgumentParser()
+    tune.add_arguments(p)
+    argv = ["--run", str(run), "--data", str(data), "--backend", "textrec", "--textrec-model", str(enc),
+            "--search", "grid", "--lam", "0.3", "2", "--groups", "2", "4", "--budget", "16", "--epochs", "1",
+            "--val-users", "0", "--batch-size", "8", "--max-concurrent", "2"]
+    args = p.parse_args(argv)
+    assert tune.run(args) == 0
+    table = pq.read_table(run / tune.RESULTS_FILE).to_pandas()
+    assert len(table) == 4 and table["error"].isna().all()  # every (lambda, K) once
+    assert sorted(zip(table["lam"], table["groups"])) == [(0.3, 2), (0.3, 4), (2.0, 2), (2.0, 4)]
+    assert table["ndcg@20"].between(0, 1).all() and (table["epochs_run"] == 1).all()
+    best = json.loads((run / tune.BEST_FILE).read_text())
+    assert best["backend"]["name"] == "textrec" and best["search"] == "grid"
+    again = tune.tune_run(args, tune.validate_inputs(args))
+    assert again["reused"] and again["best"] == best  # a finished search of the same config: nothing runs
+    (run / "manifest.json").write_text(json.dumps({"backend": {"name": "bigrec", "options": {}}}))
+    with pytest.raises(ConfigError, match="computed by backend 'bigrec'"):
+        tune.validate_inputs(args)
