@@ -25,6 +25,20 @@ def to_dict(cfg: Any) -> dict:
     return cfg
 
 
+def dataclass_from_dict(cls: type, d: Any, *, config: str) -> Any:
+    """``cls(**d)`` for a config dataclass: a copy when ``d`` is already a ``cls``; unknown keys
+    reported with the valid ones (ConfigError naming ``config``), as is a ``d`` that is no dict."""
+    if isinstance(d, cls):
+        return cls(**{f.name: getattr(d, f.name) for f in dataclasses.fields(cls)})
+    if not isinstance(d, dict):
+        raise ConfigError([f"config must be a dict or {cls.__name__}, got {type(d).__name__}"], config=config)
+    known = sorted(f.name for f in dataclasses.fields(cls))
+    unknown = sorted(set(d) - set(known))
+    if unknown:
+        raise ConfigError([f"unknown field {k!r}; known: {known}" for k in unknown], config=config)
+    return cls(**d)
+
+
 def stable_hash(obj: Any) -> str:
     """Order-independent short hash of a JSON-able object (or a config dataclass)."""
     blob = json.dumps(to_dict(obj), sort_keys=True, default=str).encode()

@@ -24,6 +24,7 @@ SUBCOMMANDS = {
     "evaluate": ("jobs.evaluate", "rank the valid/test users through an LLM backend (--backend) and compute Recall/NDCG@K"),
     "tune": ("jobs.tune", "Ray Tune over lambda and K on cached scores"),
     "train-surrogate": ("jobs.surrogate_train", "train the surrogate recommender alone (on the driver or Ray Train)"),
+    "semantic-ids": ("jobs.semantic_ids", "TIGER semantic IDs of the items (MiniLM embeddings, residual k-means)"),
 }
 
 
