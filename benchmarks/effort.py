@@ -1,16 +1,30 @@
-"""Effort-score throughput: batched per-sample gradient norms vs a per-sample loop vs a plain
-batched forward+backward, on one model and one batch, measured in one run after warm-up.
+"""Effort-score throughput per LLM backend: batched per-sample gradient norms vs a per-sample
+loop vs a plain batched forward+backward of the same summed loss, on one model and one batch,
+measured in one run after warm-up (``--backend bigrec textrec``, both when omitted).
 
-Model: LLaMA architecture (hidden 256, 4 layers, 4 heads, MLP 688, vocab 4096, random seeded
-weights), peft LoRA r=8 on q_proj/v_proj with A and B both non-zero; batch of 32 sequences of
-128 tokens, loss over all tokens (BIGRec train_on_inputs).
+``bigrec`` model: LLaMA architecture (hidden 256, 4 layers, 4 heads, MLP 688, vocab 4096, random
+seeded weights), peft LoRA r=8 on q_proj/v_proj with A and B both non-zero; batch of 32 sequences
+of 128 random tokens, loss over all tokens (BIGRec train_on_inputs,
+:func:`engine.llm.bigrec.prompts.per_sample_causal_lm_loss`).
+
+``textrec`` model: the backend itself (:func:`engine.llm.get_backend`): the ``--textrec-model``
+encoder (default all-MiniLM-L6-v2) + its fresh LoRA (r=8 on query/value, ``init_lora_weights=False``
+so that A and B are both non-zero), on the first ``--batch`` samples of ``--data`` (a prepared
+folder; default: the embedded synthetic set, prepared into a temporary folder), batch encoded by
+``backend.encode_samples`` (user text + target + ``n_negatives`` fixed negatives) and loss
+``backend.per_sample_loss``. Besides the three paths it prints where the effort pass's time goes,
+timed inside one real ``per_sample_grad_norms`` call: the user-tower forward and the
+``1 + n_negatives`` item forwards (a timing wrapper around ``encode``, hooks recording), the rest of
+the loss, the backward (a timing wrapper around ``torch.autograd.grad``) and the remainder (the
+per-sample norms from the recorded activations and output gradients).
 
 Peak memory: on CPU, the peak resident set size during the measured call minus the RSS just
 before it (Linux: reset the high-water mark by writing 5 to /proc/self/clear_refs, read VmHWM);
 on CUDA, torch.cuda.max_memory_allocated minus the allocation before the call.
 
 Run:
-    .venv/bin/python benchmarks/effort.py                 # CPU, ~1-2 min on 2 cores
+    .venv/bin/python benchmarks/effort.py                 # CPU, both backends, a few minutes on 2 cores
+    .venv/bin/python benchmarks/effort.py --backend textrec --data /tmp/games --batch 16 --threads 1
     .venv/bin/python benchmarks/effort.py --device cuda   # GPU
     .venv/bin/python benchmarks/effort.py --hidden 64 --layers 2 --repeats 1   # tiny smoke run
 
@@ -20,14 +34,18 @@ Full data set (engine path, one process; prints wall time and row count)::
     .venv/bin/python benchmarks/effort.py --score-prepared /tmp/games [--out effort.parquet] [--limit N] \\
         [--attn sdpa] [--threads 1]
 
-The last two lines of the throughput run are ``effort_speedup_vs_loop: <x>`` (samples/s batched / loop; goal >= 10)
-and ``effort_cost_vs_fwd_bwd: <x>`` (time of the effort pass / plain fwd+bwd; goal <= 1.5).
+Each backend's block ends with ``effort_speedup_vs_loop[<backend>]: <x>`` (samples/s batched / loop;
+goal >= 10 on a GPU) and ``effort_cost_vs_fwd_bwd[<backend>]: <x>`` (time of the effort pass / plain
+fwd+bwd; goal <= 1.5).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import tempfile
+from contextlib import contextmanager
+from unittest import mock
 import subprocess
 import sys
 import time
@@ -119,20 +137,21 @@ def random_batch(batch: int, tokens: int | list[int], vocab: int, device: torch.
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
 
 
-def effort_paths(model, batch: dict) -> dict:
+def effort_paths(model, batch: dict, loss_fn=per_sample_causal_lm_loss) -> dict:
     """The three measured paths on one batch: ``effort`` (batched hooks, engine.effort),
     ``loop`` (one forward+backward per sample) and ``fwd_bwd`` (a plain batched forward+backward
-    of the summed per-sample losses, no per-sample quantity: the floor)."""
+    of the summed per-sample losses, no per-sample quantity: the floor). ``loss_fn(model, batch)``
+    gives the per-sample losses [B] (default: BIGRec's causal-LM loss)."""
     params = [p for p in model.parameters() if p.requires_grad]
 
     def effort():
-        return per_sample_grad_norms(model, per_sample_causal_lm_loss, batch)
+        return per_sample_grad_norms(model, loss_fn, batch)
 
     def loop():
-        return per_sample_grad_norms_loop(model, per_sample_causal_lm_loss, batch)
+        return per_sample_grad_norms_loop(model, loss_fn, batch)
 
     def fwd_bwd():
-        loss = per_sample_causal_lm_loss(model, batch).sum()
+        loss = loss_fn(model, batch).sum()
         loss.backward()
         for p in params:
             p.grad = None
@@ -183,15 +202,188 @@ def score_prepared(args) -> None:
           f"({len(ids) / wall:.0f} rows/s, micro-batch {args.micro_batch}, {torch.get_num_threads()} threads)")
 
 
+def bigrec_setup(args, device: torch.device) -> tuple:
+    """(model, loss_fn, batch, description) of the bigrec measurement: a random LoRA LLaMA."""
+    model = build_lora_llama(vocab=args.vocab, hidden=args.hidden, layers=args.layers, heads=args.heads,
+                             lora_r=args.lora_r, device=device, dtype=getattr(torch, args.dtype))
+    batch = random_batch(args.batch, args.tokens, args.vocab, device)
+    n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    what = (f"LLaMA hidden={args.hidden} layers={args.layers} vocab={args.vocab}, LoRA r={args.lora_r} on q,v "
+            f"({n_lora} trainable numbers); batch {args.batch} x {args.tokens} tokens; dtype={args.dtype}")
+    return model, per_sample_causal_lm_loss, batch, what
+
+
+def textrec_setup(args, device: torch.device) -> tuple:
+    """(model, loss_fn, batch, description) of the textrec measurement: the backend's own model
+    and batch on the first ``--batch`` samples of ``--data`` (default: embedded synthetic set)."""
+    from engine.data.schema import read_items, read_samples
+    from engine.llm import get_backend
+    from engine.llm.textrec import TextRecConfig, _to
+
+    data = args.data
+    if not data:
+        from engine.data.prepare import PrepareConfig, prepare
+
+        data = os.path.join(tempfile.mkdtemp(prefix="effort-bench-"), "synthetic")
+        prepare(PrepareConfig(format="synthetic", out=data, users=max(64, args.batch), items=200, seed=0))
+    titles = read_items(data).sort_by("item_id").column("title").to_pylist()
+    s = read_samples(data).slice(0, args.batch)
+    kw = {"model": args.textrec_model} if args.textrec_model else {}
+    cfg = TextRecConfig(**kw, lora_r=args.lora_r, init_lora_weights=False, n_negatives=args.negatives,
+                        device=str(device))
+    backend = get_backend("textrec", titles, config=cfg)
+    model = backend.build_model()
+    batch = _to(backend.encode_samples(s.column("sample_id").to_pylist(), s.column("history").to_pylist(),
+                                       s.column("target").to_pylist()), device)
+    n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    u, i = batch["user_input_ids"], batch["item_input_ids"]
+    what = (f"{'/'.join(Path(cfg.model).parts[-2:])} + LoRA r={cfg.lora_r} on {','.join(cfg.target_modules)} "
+            f"({n_lora} trainable numbers); {u.shape[0]} samples of {Path(data).name}: user text {u.shape[1]} "
+            f"tokens (padded), {i.shape[1]} items (target + {cfg.n_negatives} negatives) x {i.shape[2]} tokens")
+    return model, backend.per_sample_loss, batch, what
+
+
+SETUPS = {"bigrec": bigrec_setup, "textrec": textrec_setup}
+
+
+def _clock() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
+
+
+def _since(t0: tuple[float, float]) -> tuple[float, float]:
+    t = _clock()
+    return t[0] - t0[0], t[1] - t0[1]
+
+
+def _sum(times) -> tuple[float, float]:
+    return sum(t[0] for t in times), sum(t[1] for t in times)
+
+
+@contextmanager
+def _timed(obj, name: str, log: list):
+    """Replace ``obj.name`` by a wrapper appending each call's (wall, process CPU) seconds to ``log``."""
+    fn = getattr(obj, name)
+
+    def wrapper(*a, **k):
+        t = _clock()
+        try:
+            return fn(*a, **k)
+        finally:
+            log.append(_since(t))
+
+    with mock.patch.object(obj, name, wrapper):
+        yield
+
+
+def effort_breakdown(model, loss_fn, batch, repeats: int) -> dict[str, tuple[float, float]]:
+    """Where one effort pass (:func:`engine.effort.per_sample_grad_norms`) spends its time: the
+    forward (``loss_fn``; for a text-encoder model split into the first ``encode`` call = user
+    tower, the other calls = item forwards, the rest = loss), the backward (the
+    ``torch.autograd.grad`` call) and the remainder (the per-sample norms). Minimum over
+    ``repeats`` passes of each piece, as (wall, process CPU) seconds."""
+    best: dict[str, tuple[float, float]] = {}
+    enc = getattr(model, "encode", None)
+    for _ in range(repeats):
+        fwd, grad, encs = [], [], []
+
+        def timed_loss(m, b):
+            t = _clock()
+            out = loss_fn(m, b)
+            fwd.append(_since(t))
+            return out
+
+        t = _clock()
+        with _timed(torch.autograd, "grad", grad):
+            if enc is not None:
+                with _timed(model, "encode", encs):
+                    per_sample_grad_norms(model, timed_loss, batch)
+            else:
+                per_sample_grad_norms(model, timed_loss, batch)
+        total, f, g = _since(t), fwd[0], _sum(grad)
+        parts = {"forward (loss_fn, hooks recording)": f}
+        if encs:
+            e = _sum(encs)
+            parts = {"  user-tower forward (1 call)": encs[0],
+                     f"  item forwards ({len(encs) - 1} calls)": _sum(encs[1:]),
+                     "  rest of the loss (logits, logsumexp)": (f[0] - e[0], f[1] - e[1]),
+                     "forward (loss_fn, hooks recording)": f}
+        parts["backward (autograd.grad to the hooked outputs)"] = g
+        parts["per-sample norms + hook overhead (rest)"] = (total[0] - f[0] - g[0], total[1] - f[1] - g[1])
+        parts["effort pass total"] = total
+        for k, v in parts.items():
+            old = best.get(k, (float("inf"), float("inf")))
+            best[k] = (min(old[0], v[0]), min(old[1], v[1]))
+    return best
+
+
+def run_backend(name: str, args, argv: list[str], device: torch.device) -> None:
+    model, loss_fn, batch, what = SETUPS[name](args, device)
+    paths = effort_paths(model, batch, loss_fn)
+    if args.mem_child:
+        # Fresh process per path: the first call's peak is the path's own footprint (RSS of an
+        # earlier, larger call would otherwise hide it). The loop's footprint does not depend on B.
+        if args.mem_child == "loop":
+            small = {k: v[:4] for k, v in batch.items()}
+            paths["loop"] = lambda: per_sample_grad_norms_loop(model, loss_fn, small)
+        print(f"peak_mib {peak_memory_mib(paths[args.mem_child], device):.1f}")
+        return
+    B = next(v.shape[0] for v in batch.values() if torch.is_tensor(v))
+    print(f"== backend {name}: {what}; device={device} threads={torch.get_num_threads()}")
+
+    # Warm-up (allocator, kernels) and an agreement check.
+    e = paths["effort"]()
+    r = paths["loop"]()
+    paths["fwd_bwd"]()
+    rel = float(((e.cpu() - r.cpu()).abs() / r.cpu()).max())
+    print(f"agreement batched vs loop: max relative error {rel:.2e}")
+
+    best, cpu = time_interleaved(paths, args.repeats, device)
+    mem = {k: float("nan") for k in paths}
+    if args.memory:
+        for k in paths:
+            cmd = [sys.executable, os.path.abspath(__file__), *argv, "--backend", name, "--mem-child", k]
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+            line = [ln for ln in res.stdout.splitlines() if ln.startswith("peak_mib")]
+            mem[k] = float(line[-1].split()[1]) if line else float("nan")
+    how = ("peak RSS minus RSS before the call, one call in a fresh process (VmHWM reset via "
+           "/proc/self/clear_refs)" if device.type == "cpu" else "torch.cuda.max_memory_allocated above the pre-call level")
+    print(f"timing: minimum of {args.repeats} interleaved rounds after warm-up; memory: "
+          f"{how if args.memory else 'not measured (--no-memory)'}")
+    print(f"{'path':<32}{'s/batch':>10}{'s/sample':>10}{'samples/s':>11}{'cpu s':>9}{'peak MiB':>10}")
+    for k, label in (("effort", "effort batched (hooks)"), ("loop", "per-sample loop"),
+                     ("fwd_bwd", "plain fwd+bwd (no per-sample)")):
+        print(f"{label:<32}{best[k]:>10.3f}{best[k] / B:>10.4f}{B / best[k]:>11.1f}{cpu[k]:>9.3f}{mem[k]:>10.1f}")
+    if name == "textrec" or args.breakdown:
+        parts = effort_breakdown(model, loss_fn, batch, args.repeats)
+        tot = parts["effort pass total"]
+        print(f"effort pass breakdown (minimum of {args.repeats} timed passes, each piece its own minimum):")
+        print(f"  {'piece':<50}{'wall s':>8}{'s/sample':>10}{'cpu s':>8}{'cpu s/sample':>13}{'cpu %':>7}")
+        for k, (w, c) in parts.items():
+            print(f"  {k:<50}{w:>8.3f}{w / B:>10.4f}{c:>8.3f}{c / B:>13.4f}{100 * c / tot[1]:>6.0f}%")
+    print(f"cpu-time ratios: loop/effort {cpu['loop'] / cpu['effort']:.2f}, "
+          f"effort/fwd_bwd {cpu['effort'] / cpu['fwd_bwd']:.2f}")
+    print(f"effort_speedup_vs_loop[{name}]: {best['loop'] / best['effort']:.2f}")
+    print(f"effort_cost_vs_fwd_bwd[{name}]: {best['effort'] / best['fwd_bwd']:.2f}")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--vocab", type=int, default=4096)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--backend", nargs="+", choices=sorted(SETUPS), default=sorted(SETUPS),
+                    help="backends to measure (default: both)")
+    ap.add_argument("--hidden", type=int, default=256, help="bigrec: LLaMA hidden size")
+    ap.add_argument("--layers", type=int, default=4, help="bigrec: LLaMA layers")
+    ap.add_argument("--heads", type=int, default=4, help="bigrec: attention heads")
+    ap.add_argument("--vocab", type=int, default=4096, help="bigrec: vocabulary size")
+    ap.add_argument("--batch", type=int, default=32, help="samples per measured batch")
+    ap.add_argument("--tokens", type=int, default=128, help="bigrec: tokens per sequence")
     ap.add_argument("--lora-r", type=int, default=8)
+    ap.add_argument("--data", default=None, help="textrec (and --score-prepared): a prepared folder whose first "
+                    "--batch samples are scored (default: the embedded synthetic set)")
+    ap.add_argument("--textrec-model", default=None, help="textrec: encoder folder (default: all-MiniLM-L6-v2)")
+    ap.add_argument("--negatives", type=int, default=15, help="textrec: fixed negatives per sample")
+    ap.add_argument("--breakdown", action="store_true", help="also break down the bigrec effort pass")
+    ap.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
+                    help="measure each path's peak memory in a fresh process")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--mem-child", default=None, help=argparse.SUPPRESS)
@@ -206,58 +398,15 @@ def main(argv=None) -> None:
                     "on CPU; the hook method is exact with any kernel)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default); 1 is faster on a "
                     "loaded machine")
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = ap.parse_args(argv)
     if args.score_prepared:
         return score_prepared(args)
-
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype)
-    model = build_lora_llama(vocab=args.vocab, hidden=args.hidden, layers=args.layers, heads=args.heads,
-                             lora_r=args.lora_r, device=device, dtype=dtype)
-    batch = random_batch(args.batch, args.tokens, args.vocab, device)
-    n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"model: LLaMA hidden={args.hidden} layers={args.layers} vocab={args.vocab}, LoRA r={args.lora_r} on "
-          f"q,v ({n_lora} trainable numbers); batch {args.batch} x {args.tokens} tokens; device={device} "
-          f"dtype={args.dtype} threads={torch.get_num_threads()}")
-    paths = effort_paths(model, batch)
-    effort, loop, fwd_bwd = paths["effort"], paths["loop"], paths["fwd_bwd"]
-    if args.mem_child:
-        # Fresh process per path: the first call's peak is the path's own footprint (RSS of an
-        # earlier, larger call would otherwise hide it). The loop's footprint does not depend on B.
-        if args.mem_child == "loop":
-            small = {k: v[:4] for k, v in batch.items()}
-            paths["loop"] = lambda: per_sample_grad_norms_loop(model, per_sample_causal_lm_loss, small)
-        print(f"peak_mib {peak_memory_mib(paths[args.mem_child], device):.1f}")
-        return
-
-    # Warm-up (allocator, kernels) and an agreement check.
-    e = effort()
-    r = loop()
-    fwd_bwd()
-    rel = float(((e.cpu() - r.cpu()).abs() / r.cpu()).max())
-    print(f"agreement batched vs loop: max relative error {rel:.2e}")
-
-    best, cpu = time_interleaved(paths, args.repeats, device)
-    mem = {}
-    for k in paths:
-        cmd = [sys.executable, os.path.abspath(__file__), "--mem-child", k] + [a for a in (argv if argv is not None else sys.argv[1:])]
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-        line = [ln for ln in res.stdout.splitlines() if ln.startswith("peak_mib")]
-        mem[k] = float(line[-1].split()[1]) if line else float("nan")
-    how = ("peak RSS minus RSS before the call, one call in a fresh process (VmHWM reset via "
-           "/proc/self/clear_refs)" if device.type == "cpu" else "torch.cuda.max_memory_allocated above the pre-call level")
-    print(f"timing: minimum of {args.repeats} interleaved rounds after warm-up; memory: {how}")
-    B = args.batch
-    print(f"{'path':<32}{'s/batch':>10}{'samples/s':>12}{'cpu s':>10}{'peak MiB':>10}")
-    for k, name in (("effort", "effort batched (hooks)"), ("loop", "per-sample loop"),
-                    ("fwd_bwd", "plain fwd+bwd (no per-sample)")):
-        print(f"{name:<32}{best[k]:>10.3f}{B / best[k]:>12.1f}{cpu[k]:>10.3f}{mem[k]:>10.1f}")
-    print(f"cpu-time ratios: loop/effort {cpu['loop'] / cpu['effort']:.2f}, "
-          f"effort/fwd_bwd {cpu['effort'] / cpu['fwd_bwd']:.2f}")
-    print(f"effort_speedup_vs_loop: {best['loop'] / best['effort']:.2f}")
-    print(f"effort_cost_vs_fwd_bwd: {best['effort'] / best['fwd_bwd']:.2f}")
+    for name in dict.fromkeys(args.backend):
+        run_backend(name, args, argv, device)
 
 
 if __name__ == "__main__":
