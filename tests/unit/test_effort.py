@@ -108,19 +108,25 @@ def test_score_batch_independent_of_batch_and_micro_batch(llm, samples):
     np.testing.assert_allclose(split, ref, rtol=RTOL)
 
 
-def test_fallback_for_trainable_embedding_is_exact_and_warns(llm, samples):
+def test_fallback_for_trainable_embedding_is_exact_and_warns(llm, samples, monkeypatch):
+    import engine.effort as eff
+
     model, tok = llm
     hist, tgt = samples
     batch = _batch(tok, hist[:4], tgt[:4], get_prompt_config("games"))
     emb = model.get_input_embeddings().weight
     emb.requires_grad_(True)
     try:
+        ref = per_sample_grad_norms_loop(model, per_sample_causal_lm_loss, batch)
+        with warnings.catch_warnings():  # an embedding has its own hook path now (#19): no fallback
+            warnings.simplefilter("error")
+            hooked = per_sample_grad_norms(model, per_sample_causal_lm_loss, batch)
+        monkeypatch.setattr(eff, "_is_plain_embedding", lambda mod: False)  # force the fallback
         with pytest.warns(UserWarning, match="embed_tokens"):
             got = per_sample_grad_norms(model, per_sample_causal_lm_loss, batch)
-        ref = per_sample_grad_norms_loop(model, per_sample_causal_lm_loss, batch)
     finally:
         emb.requires_grad_(False)
-    assert rel_err(got, ref) <= RTOL
+    assert rel_err(got, ref) <= RTOL and rel_err(hooked, ref) <= RTOL
 
 
 class _Toy(nn.Module):
@@ -178,6 +184,7 @@ def test_fallback_chunked_and_loop_paths_agree(llm, samples, monkeypatch):
     emb.requires_grad_(True)
     try:
         ref = per_sample_grad_norms_loop(model, per_sample_causal_lm_loss, batch)
+        monkeypatch.setattr(eff, "_is_plain_embedding", lambda mod: False)  # the embedding takes the fallback
         monkeypatch.setattr(eff, "_FALLBACK_BUDGET", emb.numel())  # one sample per vmap chunk
         with pytest.warns(UserWarning):
             chunked = per_sample_grad_norms(model, per_sample_causal_lm_loss, batch)
