@@ -19,6 +19,8 @@ SCHEDULES = ("linear", "constant")
 SPLITS = ("none", "valid", "test")
 # Fields that may change between a run and its resume without invalidating the checkpoint.
 RESUME_FREE_FIELDS = ("stop_after_epochs", "workers_cpu", "out", "use_gpu", "max_failures", "threads")
+# Backends whose get_backend options FinetuneConfig builds (backend_options), and the fields they use.
+OPTIONS_OF = {"bigrec": ("llm", "prompt", "cutoff_len"), "textrec": ("textrec",)}
 # Fields of the evaluation after training: a change re-evaluates the trained adapter, never retrains it.
 EVAL_FIELDS = ("split", "max_eval_users", "eval_seed", "ks")
 
@@ -97,6 +99,9 @@ class FinetuneConfig:
                 self.textrec = built["textrec"].to_dict()
             p.extend(problems)
         check(p, self.backend in BACKENDS, f"backend={self.backend!r}: expected one of {sorted(BACKENDS)}")
+        check(p, self.backend not in BACKENDS or self.backend in OPTIONS_OF,
+              f"backend={self.backend!r}: the fine-tune builds the options of {sorted(OPTIONS_OF)} only "
+              "(FinetuneConfig.backend_options); use one of those")
         check(p, self.backend == "textrec" or self.textrec is None,
               f"textrec options given for backend={self.backend!r}; pass backend='textrec' or drop them")
         cls = backend_class(self.backend) if self.backend in BACKENDS else None
