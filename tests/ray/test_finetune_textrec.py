@@ -22,16 +22,40 @@ from engine.finetune import FinetuneConfig
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _tiny(tmp: Path):
-    import importlib.util
-    import sys
+GENRES = ["Quest", "Racer", "Arena", "Puzzle"]
+WORDS = ["Alpha", "Bravo", "Delta", "Echo", "Omega", "Nova", "Zen", "Storm", "Ridge", "Vale", "Lunar", "Prime",
+         "Rogue", "Titan", "Ember"]
 
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "selection_quality.py"
-    spec = importlib.util.spec_from_file_location("selection_quality", path)
-    sq = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("selection_quality", sq)
-    spec.loader.exec_module(sq)
-    data, enc, _ = sq.make_tiny_dataset(tmp, n_users=64)
+
+def _tiny(tmp: Path, *, n_users: int = 64, seed: int = 0):
+    """A learnable prepared folder (each user stays in one genre) and a tiny seeded BERT trained
+    on its titles, dropout off: ``(data_dir, encoder_dir)``."""
+    from engine.data.schema import PreparedWriter, atomic_dir
+    from engine.llm.bigrec.prompts import PROMPTS
+    from engine.llm.textrec import build_tiny_encoder
+
+    titles = [f"{g} {w}" for g in GENRES for w in WORDS]
+    rng = np.random.default_rng(seed)
+    data = tmp / "data"
+    users, hist, tgt, test_h, test_t = [], [], [], [], []
+    for u in range(n_users):
+        g = int(rng.integers(0, len(GENRES)))
+        pool = rng.permutation(np.arange(g * len(WORDS), (g + 1) * len(WORDS)))
+        k = int(rng.integers(2, 6))
+        users.append(f"u{u}")
+        hist.append(pool[:k].tolist())
+        tgt.append(int(pool[k]))
+        test_h.append(pool[:k + 1].tolist())
+        test_t.append(pool[k + 1:k + 3].tolist())
+    with atomic_dir(data, overwrite=True) as w_dir:
+        w = PreparedWriter(w_dir, rows_per_file=64)
+        w.add_samples(users, hist, tgt)
+        w.write_items(np.arange(len(titles)), titles)
+        w.write_split("valid", users, hist, [[t] for t in tgt])
+        w.write_split("test", users, test_h, test_t)
+        w.close({"source": "test_finetune_textrec tiny"})
+    enc = tmp / "encoder"
+    build_tiny_encoder(enc, titles * 3 + [PROMPTS["games"].input_prefix] * 3, seed=seed)
     c = json.loads((enc / "config.json").read_text())
     c.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     (enc / "config.json").write_text(json.dumps(c))
