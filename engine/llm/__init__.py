@@ -24,6 +24,7 @@ __all__ = ["LLMBackend", "BACKENDS", "get_backend", "backend_class"]
 BACKENDS: dict[str, str] = {
     "bigrec": "engine.llm.bigrec.backend:BigRecBackend",
     "textrec": "engine.llm.textrec.backend:TextEncoderBackend",
+    "tiger": "engine.llm.tiger.backend:TigerBackend",
 }
 
 
