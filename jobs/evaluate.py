@@ -66,7 +66,7 @@ from engine.metrics import DEFAULT_KS, format_table
 from engine.rundir import atomic_write_bytes, atomic_write_with, output_errors, read_json, writable_problem
 from jobs.backend_args import add_backend_arguments, backend_record
 
-#: the configs a fine-tune writes beside its adapter/ (jobs/finetune.py; the older finetune_textrec.py)
+#: the configs a fine-tune writes beside its adapter/ (jobs/finetune.py; finetune_textrec.json: runs of the removed jobs/finetune_textrec.py)
 FINETUNE_RECORDS = ("finetune_config.json", "finetune_textrec.json")
 #: the TextRecConfig fields an evaluation takes from that record (the model's text and LoRA shape)
 TEXTREC_RECORDED = ("model", "prompt", "max_len_user", "max_len_item", "lora_r", "lora_alpha", "target_modules",
