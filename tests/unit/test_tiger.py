@@ -72,6 +72,9 @@ def test_defaults_are_the_papers_model(sids):
     c = m.config
     assert (c.num_layers, c.num_decoder_layers, c.num_heads, c.d_model, c.d_ff, c.dropout_rate) == (4, 4, 6, 128, 1024, 0.1)
     assert all(p.requires_grad for p in m.parameters())
+    # one token embedding for encoder and decoder (no dead ``shared``), an untied head
+    assert m.encoder.embed_tokens.weight is m.shared.weight is m.decoder.embed_tokens.weight
+    assert m.lm_head.weight is not m.shared.weight
     assert c.vocab_size == 2 + sum(sids.level_sizes) + 2000
 
 

@@ -155,7 +155,20 @@ def build_model(cfg: TigerConfig, layout: TokenLayout) -> nn.Module:
             if got != layout.to_dict():
                 raise ConfigError([f"checkpoint={cfg.checkpoint!r}: its token layout {got} differs from these "
                                    f"semantic ids' {layout.to_dict()}"], config="TigerConfig")
-        model = T5ForConditionalGeneration.from_pretrained(cfg.checkpoint, attn_implementation="eager")
+        from transformers import T5Config
+
+        conf = T5Config.from_pretrained(cfg.checkpoint)
+        conf.tie_word_embeddings = bool(conf.scale_decoder_outputs)  # as t5_config saved it (T5Config forces True)
+        conf._attn_implementation = "eager"
+        from transformers.utils import logging as hf_logging
+
+        level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # untied: the input embeddings are saved once, as shared.weight,
+        try:                               # and reported "missing" before set_input_embeddings re-ties them
+            model = T5ForConditionalGeneration.from_pretrained(cfg.checkpoint, config=conf)
+        finally:
+            hf_logging.set_verbosity(level)
+        tied = conf.tie_word_embeddings
         if model.config.vocab_size != layout.vocab_size:
             raise ConfigError([f"checkpoint={cfg.checkpoint!r}: vocabulary {model.config.vocab_size} != "
                                f"{layout.vocab_size} of these semantic ids"], config="TigerConfig")
@@ -163,6 +176,11 @@ def build_model(cfg: TigerConfig, layout: TokenLayout) -> nn.Module:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             model = T5ForConditionalGeneration(t5_config(cfg, layout))
+        tied = cfg.tie_embeddings
+    if not tied:
+        # transformers unties the encoder/decoder input embeddings from ``shared`` too when the
+        # LM head is untied; TIGER shares one token embedding between encoder and decoder
+        model.set_input_embeddings(model.shared)
     for p in model.parameters():
         p.requires_grad_(True)
     model.train()
