@@ -1,7 +1,7 @@
 """One evaluator for every LLM backend: the users of a valid/test period ranked through
 ``backend.rank_items``, multi-target Recall/NDCG@K, per-user values for paired bootstrap CIs.
 
-Protocol (DESIGN.md section 2):
+Protocol (docs/method.md#samples):
 
 - users: every user of the split with at least one target (users without items in the period
   are skipped, not scored 0); with ``max_users`` a seeded random subset (the draw of

@@ -83,7 +83,7 @@ def deepspeed_config(cfg: FinetuneConfig, *, world_size: int, on_gpu: bool, bf16
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
         if cfg.zero_stage == 3:
             zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}
-    # On CPU, torch's AdamW avoids compiling fused_adam / cpu_adam (~50 s each, STACK.md);
+    # On CPU, torch's AdamW avoids compiling fused_adam / cpu_adam (~50 s each, docs/architecture.md#the-stack-checked-versions-and-traps);
     # with offload on GPU DeepSpeed's CPU Adam is the fast path and worth its compile.
     torch_adam = not (on_gpu and cfg.offload)
     return {

@@ -3,7 +3,7 @@ answer, a disk cache of item-title embeddings, grounding to items (moved out of
 ``engine/evaluate.py``; :meth:`engine.llm.bigrec.backend.BigRecBackend.rank_items` is built on
 :func:`rank_by_generation`).
 
-Protocol (DESIGN.md section 2, BIGRec's evaluate.py, with the choices made explicit):
+Protocol (docs/method.md#samples, BIGRec's evaluate.py, with the choices made explicit):
 
 - prompt: the newest ``max_history`` history titles (:class:`GenerationConfig`), oldest titles
   dropped further until the prompt fits ``cutoff_len - max_new_tokens``.
