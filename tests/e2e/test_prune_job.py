@@ -147,6 +147,7 @@ def test_influence_compile_flag_is_parsed_and_checked(tmp_path):
     assert "--surrogate-loss sampled" in str(e.value) and "--influence-method is 'fd'" in str(e.value)
 
 
+@pytest.mark.slow  # torch.compile in every actor: minutes on 2 cores (the default suite stays < 15 min)
 def test_compiled_influence_actors_give_the_same_scores(ray_cluster, synthetic_small, tmp_path, llm_cache):
     """--influence-compile: every surrogate actor compiles the jvp pass once; scores unchanged."""
     runs = {}
