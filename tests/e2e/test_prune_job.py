@@ -166,6 +166,7 @@ def test_budget_larger_than_data_refused_before_work(ray_cluster, synthetic_smal
     assert not (tmp_path / "run" / "surrogate").exists()
 
 
+@pytest.mark.slow  # ~2 min: a whole prune killed and rerun (tests/cluster/test_faults.py keeps a driver kill in the default tier)
 def test_killed_run_resumes_without_rescoring(ray_cluster, synthetic_small, tmp_path, llm_cache):
     ref = tmp_path / "ref"
     run_job(synthetic_small, ref, "--budget", "40", cache=llm_cache)
