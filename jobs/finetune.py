@@ -214,10 +214,13 @@ class _PathsOnly:
 
 
 # ---------------------------------------------------------------- data for the workers
-def load_examples(cfg: FinetuneConfig) -> dict:
+def load_examples(cfg: FinetuneConfig, *, checked: tuple[list[str], int] | None = None) -> dict:
     """Read the training and validation examples of a run on the driver.
 
     Histories are cut to the newest ``cfg.max_history`` items here, once for every backend.
+    ``checked``: ``(titles, n_samples)`` of ``cfg.data`` already read and checked by the caller
+    (``dealrec tune``'s driver), so that each trial neither re-reads the catalogue nor re-scans
+    every samples file.
 
     Returns:
         ``{"titles", "train_history", "train_target", "train_ids", "val_history", "val_target"}``
@@ -227,9 +230,11 @@ def load_examples(cfg: FinetuneConfig) -> dict:
         DataError: bad data (unreadable files, duplicate sample ids, unknown items) or a bad
             selected file / sample id list (unreadable, missing column, unknown or duplicate ids).
     """
-    items = read_items(cfg.data)
-    titles = items.column("title").to_pylist()
-    n = check_samples(cfg.data, n_items=len(titles))
+    if checked is None:
+        titles = read_items(cfg.data).column("title").to_pylist()
+        n = check_samples(cfg.data, n_items=len(titles))
+    else:
+        titles, n = checked
     if cfg.all_samples:
         ids = np.arange(n, dtype=np.int64)
     else:

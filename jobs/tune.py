@@ -47,6 +47,7 @@ if __name__ == "__main__":  # make `engine` / `jobs` importable when run as a sc
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse
+import hashlib
 import json
 import time
 from dataclasses import replace
@@ -197,7 +198,7 @@ def trial(config: dict, shared: dict) -> None:
     idx = np.sort(select(config["method"], shared["scores"], sel_cfg).indices)
     with tempfile.TemporaryDirectory(prefix="dealrec-tune-") as tmp:
         cfg = replace(shared["finetune"], out=tmp, all_samples=False, sample_ids=[int(i) for i in idx])
-        payload = load_examples(cfg)
+        payload = load_examples(cfg, checked=(shared["titles"], shared["n"]))
         device = "cuda" if s["trial_gpus"] > 0 else "cpu"
         opts = cfg.backend_options(base=shared["base"], device=device, on_gpu=device == "cuda")
         if cfg.backend == "bigrec":
@@ -232,7 +233,8 @@ def validate_inputs(args) -> dict:
     why = writable_problem(out, option="--out" if args.out else "--run")
     if why:
         raise ConfigError([why], config="tune")
-    n = check_samples(data, n_items=read_items(data).num_rows)
+    titles = read_items(data).column("title").to_pylist()
+    n = check_samples(data, n_items=len(titles))
     scores = read_scores(run_dir, n)
     budgets, problems = check_args(args, n, scores, run_dir)
     rb = _run_backend(run_dir)
@@ -249,14 +251,16 @@ def validate_inputs(args) -> dict:
         ft = None
     if problems:
         raise ConfigError(problems, config="tune")
-    return {"run_dir": run_dir, "out": out, "data": data, "scores": scores, "budgets": budgets, "finetune": ft}
+    return {"run_dir": run_dir, "out": out, "data": data, "titles": titles, "n": n, "scores": scores,
+            "budgets": budgets, "finetune": ft}
 
 
 def search_fingerprint(args, inputs: dict) -> str:
     """Hash of everything a search's result depends on (scores by content, not path)."""
     space = {k: getattr(args, k) for k in ("search", "samples", "method", "lam", "groups", "hard_prune", "metric",
                                            "epochs", "grace", "val_users", "beams", "max_new_tokens", "seed")}
-    scores = {k: stable_hash(np.asarray(v).tobytes().hex()) for k, v in sorted(inputs["scores"].items())}
+    scores = {k: hashlib.sha256(np.ascontiguousarray(v, dtype=np.float64).tobytes()).hexdigest()
+              for k, v in sorted(inputs["scores"].items())}
     ft = inputs["finetune"].to_dict()
     ft.pop("out", None)
     return stable_hash({"space": space, "budgets": inputs["budgets"], "scores": scores, "finetune": ft})
@@ -284,7 +288,7 @@ def tune_run(args, inputs: dict | None = None) -> dict:
         prev = read_json(best_file)
         if prev.get("fingerprint") == fp:
             return {"table": pq.read_table(results_file).to_pandas(), "best": prev, "reused": True}
-    titles = read_items(data).column("title").to_pylist()
+    titles = inputs["titles"]
     base = None
     generation = {"beams": args.beams, "max_new_tokens": args.max_new_tokens,
                   "max_history": ft.max_history if ft.max_history is not None else 10}
@@ -297,6 +301,7 @@ def tune_run(args, inputs: dict | None = None) -> dict:
     mode = "min" if args.metric == "val_loss" else "max"
     shared = {
         "finetune": ft, "base": base, "generation": generation, "scores": inputs["scores"], "valid": valid,
+        "titles": titles, "n": inputs["n"],
         "settings": {"hard_prune": args.hard_prune, "seed": args.seed, "metric": args.metric,
                      "val_users": args.val_users or None, "trial_cpus": args.trial_cpus,
                      "trial_gpus": args.trial_gpus},
