@@ -10,33 +10,16 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from tests.e2e.test_prune_backend import synthetic_data, tiny_encoder  # noqa: F401 (the same fixtures)
 from tests.e2e.test_prune_job import FAST
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    from jobs.cli import main
-
-    out = tmp_path_factory.mktemp("pipe") / "data"
-    assert main(["prepare", "--format", "synthetic", "--out", str(out), "--users", "72", "--items", "40",
-                 "--interactions-per-user", "6", "--rows-per-file", "24", "--seed", "3"]) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
-def encoder(tmp_path_factory, data):
-    from engine.data.schema import read_items
-    from engine.llm.textrec import build_tiny_encoder
-
-    titles = read_items(data).column("title").to_pylist()
-    return build_tiny_encoder(tmp_path_factory.mktemp("enc") / "enc",
-                              titles + ["The user has purchased the following game products before, with titles as:"])
-
-
 @pytest.mark.parametrize("backend", ["bigrec", "textrec"])
-def test_prune_finetune_evaluate_tune(ray_cluster, one_torch_thread, data, encoder, tmp_path, backend):
+def test_prune_finetune_evaluate_tune(ray_cluster, one_torch_thread, synthetic_data, tiny_encoder, tmp_path,
+                                     backend):
+    data, encoder = synthetic_data, tiny_encoder
     from jobs.cli import main
 
     cache = tmp_path / "cache"
