@@ -25,7 +25,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -44,7 +44,7 @@ class RunDir:
             they are deleted when the stage must be redone.
     """
 
-    def __init__(self, root: str | os.PathLike, stage_outputs: dict[str, list[str]]):
+    def __init__(self, root: str | os.PathLike, stage_outputs: dict[str, list[str]], *, create: bool = True):
         self.root = Path(root)
         self.stage_outputs = stage_outputs
         p = self.root / MANIFEST
@@ -55,24 +55,39 @@ class RunDir:
                             path=p, field="stages", value=self.manifest["stages"])
         self.manifest.setdefault("stages", {})
         check_writable(self.root, option="--out")
-        with output_errors(self.root, option="--out"):
-            self.root.mkdir(parents=True, exist_ok=True)
+        if create:  # create=False: nothing is written before the first save (a job whose inputs may still fail)
+            with output_errors(self.root, option="--out"):
+                self.root.mkdir(parents=True, exist_ok=True)
 
     # ---- resume planning -------------------------------------------------------------
-    def check(self, hashes: dict[str, str], *, overwrite: bool) -> list[str]:
-        """Compare current stage hashes with the manifest; return the stages already done.
+    def plan(self, hashes: dict[str, str], *, overwrite: bool, recompute: Iterable[str] = ()) -> list[str]:
+        """The stages whose recorded config differs from ``hashes`` (to be redone); changes nothing.
+
+        Args:
+            recompute: stages redone, not refused, when their config changed (a cheap stage whose
+                result is replaced whole, e.g. an evaluation with other options).
+
+        Raises:
+            ResumeError: some other stage ran with a different config and ``overwrite`` is false.
+        """
+        changed = [s for s, h in hashes.items()
+                   if s in self.manifest["stages"] and self.manifest["stages"][s].get("config_hash") not in (None, h)]
+        refused = [s for s in changed if s not in set(recompute)]
+        if refused and not overwrite:
+            raise ResumeError(
+                f"{self.root} holds results of a different config for stage(s) {refused} "
+                f"(see {MANIFEST}); rerun with --overwrite to recompute them, or use another --out"
+            )
+        return changed
+
+    def check(self, hashes: dict[str, str], *, overwrite: bool, recompute: Iterable[str] = ()) -> list[str]:
+        """Compare current stage hashes with the manifest (:meth:`plan`), delete the outputs of
+        the stages to redo and record the hashes; return the stages already done.
 
         Raises:
             ResumeError: some stage ran with a different config and ``overwrite`` is false.
         """
-        changed = [s for s, h in hashes.items()
-                   if s in self.manifest["stages"] and self.manifest["stages"][s].get("config_hash") != h]
-        if changed and not overwrite:
-            raise ResumeError(
-                f"{self.root} holds results of a different config for stage(s) {changed} "
-                f"(see {MANIFEST}); rerun with --overwrite to recompute them, or use another --out"
-            )
-        for s in changed:
+        for s in self.plan(hashes, overwrite=overwrite, recompute=recompute):
             self.reset(s)
         for s, h in hashes.items():
             self.manifest["stages"].setdefault(s, {})["config_hash"] = h
@@ -108,11 +123,30 @@ class RunDir:
         self.save()
 
     def save(self) -> None:
+        with output_errors(self.root, option="--out"):
+            self.root.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(self.root / MANIFEST,
                            json.dumps(self.manifest, indent=2, sort_keys=True, default=str).encode(), option="--out")
 
     def path(self, rel: str) -> Path:
         return self.root / rel
+
+
+def tree_digest(path: str | os.PathLike | None) -> str | None:
+    """sha256 over the relative paths and bytes of every file under ``path`` (a model or adapter
+    folder), so that a stage reading it is redone when it is rewritten in place; None for None."""
+    if path is None:
+        return None
+    import hashlib
+
+    root = Path(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]:
+        h.update(str(f.relative_to(root) if root.is_dir() else f.name).encode() + b"\0")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
 
 
 def _peak_rss_mib() -> float | None:

@@ -21,7 +21,10 @@ the users in batches of ``--user-batch``; ``--local`` runs the backend in this p
 ``--out`` (default ``ADAPTER/../metrics-<split>.json``; without an adapter
 ``DATA/metrics-<split>.json`` for bigrec, ``DATA/metrics-<backend>-<split>.json`` otherwise),
 which records the backend, and ``<out stem>.per_user.npz`` beside it (user_ids, ranked, one array
-per metric), both atomically, and prints a table.
+per metric), both atomically, and prints a table. The folder's ``manifest.json`` records the
+evaluation as stage ``evaluate:<file name>`` (engine.rundir.RunDir; its hash covers the config, the
+backend options and the adapter's bytes): the same evaluation is not repeated, metrics of another
+one at ``--out`` are refused unless ``--overwrite``.
 
 On a cluster::
 
@@ -56,14 +59,15 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from engine.config import collect_problems, raise_if, versions
+from engine.config import collect_problems, raise_if, stable_hash, versions
 from engine.data.schema import read_items, read_split
 from engine.evaluate import EvalConfig, evaluate_backend
 from engine.llm import get_backend
 from engine.llm.bigrec.model import adapter_problem
 from engine.llm.bigrec.prompts import PROMPTS
 from engine.metrics import DEFAULT_KS, format_table
-from engine.rundir import atomic_write_bytes, atomic_write_with, output_errors, read_json, writable_problem
+from engine.rundir import (RunDir, atomic_write_bytes, atomic_write_with, output_errors, read_json, tree_digest,
+                           writable_problem)
 from jobs.backend_args import add_backend_arguments, backend_record
 
 #: the configs a fine-tune writes beside its adapter/ (jobs/finetune.py; finetune_textrec.json: runs of the removed jobs/finetune_textrec.py)
@@ -106,6 +110,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu", choices=["auto", "yes", "no"], default="auto")
     parser.add_argument("--local", action="store_true", help="no Ray: run the model in this process")
     parser.add_argument("--out", default=None, help="metrics JSON path")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace metrics at --out that another config (or another adapter) wrote")
     parser.add_argument("--address", default=None, help="Ray address")
 
 
@@ -208,6 +214,19 @@ def metrics_path(cfg: EvalConfig, out: str | None, *, adapter: str | None = None
         return Path(adapter).resolve().parent / f"metrics-{cfg.split}.json"
     name = f"metrics-{cfg.split}.json" if backend == "bigrec" else f"metrics-{backend}-{cfg.split}.json"
     return Path(cfg.data) / name
+
+
+def eval_run(outp: Path) -> tuple[RunDir, str]:
+    """The run folder holding the metrics file and the file's stage in its manifest.json
+    (``evaluate:<file name>``; beside a fine-tune's adapter that is the fine-tune's run folder)."""
+    stage = f"evaluate:{outp.name}"
+    return RunDir(outp.parent, {stage: [outp.name, per_user_path(outp).name]}, create=False), stage
+
+
+def eval_hash(cfg: EvalConfig, spec: dict) -> str:
+    """What an evaluation's result depends on: the config, the backend options and the adapter's bytes."""
+    return stable_hash({"config": cfg.to_dict(), "backend": spec["backend"], "options": spec["options"],
+                        "adapter": tree_digest(spec["adapter"])})
 
 
 def per_user_path(metrics: Path) -> Path:
@@ -354,6 +373,14 @@ def run(args) -> int:
         0 on success.
     """
     cfg, spec = config_from_args(args)
+    outp = metrics_path(cfg, args.out, adapter=spec["adapter"], backend=spec["backend"])
+    rd, stage = eval_run(outp)
+    h = eval_hash(cfg, spec)
+    rd.plan({stage: h}, overwrite=args.overwrite)  # metrics of another config at --out: refused, before Ray starts
+    if rd.done(stage) and rd.manifest["stages"][stage].get("config_hash") == h and outp.exists() \
+            and per_user_path(outp).exists():
+        print(f"metrics: {outp} (this evaluation finished before; not repeated)")
+        return 0
     if not args.local:
         from jobs.ray_init import init_ray
 
@@ -361,7 +388,9 @@ def run(args) -> int:
         import ray
 
         ray.data.DataContext.get_current().enable_progress_bars = False
+    rd.check({stage: h}, overwrite=args.overwrite)
     rep = evaluate(cfg, spec, out=args.out, workers=args.workers, local=args.local, gpu=args.gpu)
+    rd.finish(stage, rep["timings"]["total_s"], users=rep["users"])
     extra = ""
     if rep.get("title_embedding_cache_hit") is not None:
         extra = (f", {rep['distinct_titles']} distinct titles "

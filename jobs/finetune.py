@@ -17,7 +17,8 @@ history -> first valid target; the backend's batch-independent per-sample loss).
 
 Outputs in OUT: ``adapter/`` (best epoch, peft ``save_pretrained`` format), ``finetune.json``
 (config, backend, per-epoch losses, wall time, steps, samples/s, per-rank LoRA checksums),
-``finetune_config.json`` (config + fingerprint), and with ``--split valid|test`` ``metrics.json`` +
+``finetune_config.json`` (config + backend, read by ``dealrec evaluate``), ``manifest.json`` (the run
+folder's stages ``train`` / ``evaluate`` with their config hashes: engine.rundir.RunDir), and with ``--split valid|test`` ``metrics.json`` +
 ``per_user.npz`` (Recall/NDCG@K of the adapter through the generic evaluator over
 ``backend.rank_items``; re-evaluated, never retrained, when only the evaluation options change).
 
@@ -61,13 +62,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from engine.config import collect_problems, raise_if, versions
+from engine.config import collect_problems, raise_if, stable_hash, versions
 from engine.data.schema import check_samples, read_id_column, read_items, read_sample_rows, read_split
 from engine.errors import ConfigError, DataError, ResumeError
 from engine.finetune import BEST_ADAPTER_DIR, FinetuneConfig, copy_tree, read_state, samples_per_second
 from engine.llm.bigrec.prompts import PROMPTS
 from engine.metrics import DEFAULT_KS
-from engine.rundir import atomic_write_bytes, output_errors, read_json
+from engine.rundir import RunDir, atomic_write_bytes, output_errors
 from jobs.backend_args import add_backend_arguments, backend_record
 
 __all__ = ["add_arguments", "config_from_args", "fit", "run", "load_examples", "evaluate_adapter",
@@ -391,36 +392,47 @@ def _train_local(cfg: FinetuneConfig, payload: dict, base: str | None, finish, l
 
 
 # ---------------------------------------------------------------- driver
+#: the outputs of each stage of a fine-tune run folder (deleted when the stage is redone)
+STAGE_OUTPUTS = {"train": [RAY_RUN_NAME, LOCAL_CKPT_DIR, ADAPTER_DIR, REPORT_FILE, CONFIG_FILE],
+                 "evaluate": [METRICS_FILE, PER_USER_FILE]}
+
+
+def run_dir(cfg: FinetuneConfig) -> RunDir:
+    """The run folder ``cfg.out`` (its manifest.json; nothing is created until a stage starts)."""
+    return RunDir(cfg.out, STAGE_OUTPUTS, create=False)
+
+
+def stage_hashes(cfg: FinetuneConfig) -> dict[str, str]:
+    """Config hash per stage: ``train`` (the fine-tune's fingerprint) and, with a split, ``evaluate``
+    (the training's hash + the evaluation options, so a retrained adapter is evaluated again)."""
+    h = {"train": cfg.fingerprint()}
+    if cfg.split != "none":
+        h["evaluate"] = stable_hash({"train": h["train"], "evaluate": cfg.eval_fingerprint()})
+    return h
+
+
 def check_resume(cfg: FinetuneConfig, *, overwrite: bool = False) -> bool:
-    """Whether ``cfg.out`` holds a run of another config that ``overwrite`` will discard;
-    changes nothing.
+    """Whether ``cfg.out`` holds a training of another config that ``overwrite`` will discard;
+    changes nothing. Changed evaluation options alone are not refused: the adapter is evaluated again.
 
     Raises:
         ResumeError: it does and ``overwrite`` is false.
-        DataError: its finetune_config.json is unreadable.
+        DataError: its manifest.json is unreadable.
     """
-    cfg_file = Path(cfg.out) / CONFIG_FILE
-    if not cfg_file.exists():
-        return False
-    prev = read_json(cfg_file, hint="; delete it to start this fine-tune afresh, or use another --out")
-    if prev.get("fingerprint") == cfg.fingerprint():
-        return False
-    if not overwrite:
-        raise ResumeError(f"{cfg.out} holds a fine-tune with another config (see {cfg_file}); "
-                          "rerun with --overwrite or use another --out")
-    return True
+    return "train" in run_dir(cfg).plan(stage_hashes(cfg), overwrite=overwrite, recompute=("evaluate",))
 
 
 def _finished_report(cfg: FinetuneConfig) -> dict | None:
-    """The report of a finished run of this config in ``cfg.out`` (None: train)."""
-    f = Path(cfg.out) / REPORT_FILE
-    if not (f.exists() and (Path(cfg.out) / ADAPTER_DIR).is_dir()):
+    """The report of a finished training of this config in ``cfg.out`` (None: train)."""
+    rd = run_dir(cfg)
+    st = rd.manifest["stages"].get("train", {})
+    if not (rd.done("train") and st.get("config_hash") == cfg.fingerprint() and (rd.path(ADAPTER_DIR)).is_dir()):
         return None
     try:
-        rep = json.loads(f.read_text())
+        rep = json.loads(rd.path(REPORT_FILE).read_text())
     except (OSError, ValueError):
         return None
-    return rep if rep.get("fingerprint") == cfg.fingerprint() and rep.get("finished") else None
+    return rep if rep.get("finished") else None
 
 
 def _json(path: Path, obj: dict) -> None:
@@ -453,7 +465,7 @@ def fit(cfg: FinetuneConfig, *, overwrite: bool = False, payload: dict | None = 
     """
     log = log or (lambda *_: None)
     raise_if(cfg.path_problems(), config="finetune")
-    out = Path(cfg.out)
+    hashes = stage_hashes(cfg)
     discard = check_resume(cfg, overwrite=overwrite)
     report = None if discard else _finished_report(cfg)
     trained = report is None
@@ -463,12 +475,9 @@ def fit(cfg: FinetuneConfig, *, overwrite: bool = False, payload: dict | None = 
             payload = load_examples(cfg)
         base = _base_model(cfg, payload["titles"])
         # inputs good: only now is the run's config committed (and a run of another config discarded)
-        with output_errors(out, option="--out"):
-            out.mkdir(parents=True, exist_ok=True)
-            if discard:
-                for name in (RAY_RUN_NAME, LOCAL_CKPT_DIR, ADAPTER_DIR, REPORT_FILE, METRICS_FILE, PER_USER_FILE):
-                    p = out / name
-                    shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        rd = run_dir(cfg)
+        with output_errors(cfg.out, option="--out"):
+            rd.check(hashes, overwrite=overwrite, recompute=("evaluate",))
         _write_config(cfg)
         if cfg.threads:
             import torch
@@ -482,7 +491,10 @@ def fit(cfg: FinetuneConfig, *, overwrite: bool = False, payload: dict | None = 
 
         report = _train_local(cfg, payload, base, finish, log) if cfg.strategy == "local" else \
             _train_ray(cfg, payload, base, finish)
+        if report["finished"]:  # an invocation cut short (--max-epochs-this-invocation) resumes on rerun
+            rd.finish("train", report["wall_s"], epochs_done=report["epochs_done"])
     else:
+        run_dir(cfg).check(hashes, overwrite=overwrite, recompute=("evaluate",))
         _write_config(cfg)  # the same training; the evaluation options of this call
     metrics, evaluated = _evaluate_run(cfg)
     return {**report, "metrics": metrics, "trained": trained, "evaluated": evaluated}
@@ -550,13 +562,13 @@ def _evaluate_run(cfg: FinetuneConfig) -> tuple[dict | None, bool]:
     out = Path(cfg.out)
     fp = cfg.eval_fingerprint()
     f = out / METRICS_FILE
-    if f.exists() and (out / PER_USER_FILE).exists():
+    rd = run_dir(cfg)
+    if rd.done("evaluate") and f.exists() and (out / PER_USER_FILE).exists():
         try:
-            prev = json.loads(f.read_text())
+            return json.loads(f.read_text()), False
         except (OSError, ValueError):
-            prev = {}
-        if prev.get("eval_fingerprint") == fp:
-            return prev, False
+            pass
+    t0 = time.perf_counter()
     metrics = evaluate_adapter(cfg, out / ADAPTER_DIR)
     per_user, user_ids = metrics.pop("per_user"), metrics.pop("user_ids")
     tmp = out / f".{PER_USER_FILE}.tmp-{os.getpid()}.npz"
@@ -566,6 +578,7 @@ def _evaluate_run(cfg: FinetuneConfig) -> tuple[dict | None, bool]:
     metrics.update(split=cfg.split, eval_fingerprint=fp, config=cfg.to_dict(),
                    backend=backend_record(cfg.backend, cfg.backend_options()))
     _json(f, metrics)
+    rd.finish("evaluate", time.perf_counter() - t0, split=cfg.split, users=metrics.get("users"))
     return metrics, True
 
 

@@ -19,8 +19,10 @@ Search: ``--search asha`` (default: ``--samples`` random draws from the grid, AS
 trials early, time attribute = epochs) or ``--search grid`` (every combination once, no early
 stopping). Outputs in ``--run`` (or ``--out``): ``tune_results.parquet`` (one row per trial),
 ``best_config.json`` (the best trial's selection config, readable by ``dealrec prune
---best-config``; with the search's fingerprint: a finished search of the same config is returned
-without running anything), and the Ray Tune experiment in ``tune/``.
+--best-config``), and the Ray Tune experiment in ``tune/``; the folder's ``manifest.json`` gains
+stage ``tune`` with the search's fingerprint (engine.rundir.RunDir): a finished search of the same
+config is returned without running anything, one of another config is refused unless
+``--overwrite``, an unfinished one starts again.
 
 On a cluster::
 
@@ -49,6 +51,7 @@ if __name__ == "__main__":  # make `engine` / `jobs` importable when run as a sc
 import argparse
 import hashlib
 import json
+import shutil
 import time
 from dataclasses import replace
 
@@ -59,13 +62,15 @@ import pyarrow.parquet as pq
 from engine.config import stable_hash, versions
 from engine.data.schema import check_samples, parquet_rows, read_items, read_split
 from engine.errors import ConfigError, DataError, check
-from engine.rundir import atomic_write_bytes, atomic_write_with, read_json, writable_problem
+from engine.rundir import RunDir, atomic_write_bytes, atomic_write_with, read_json, writable_problem
 from engine.scores import read_scores
 from engine.selection import METHODS, REQUIRED_SCORES, SelectionConfig
 from jobs.backend_args import add_backend_arguments, backend_record
 
 RESULTS_FILE = "tune_results.parquet"
 BEST_FILE = "best_config.json"
+#: the search's stage in the run folder's manifest (engine.rundir.RunDir)
+SEARCH_STAGE = "tune"
 METRICS = ("ndcg@20", "recall@20", "val_loss")
 #: the lambda grid: the paper's {0.1 .. 2} and beyond it (Tune's best on Games sat at the edge, 2)
 DEFAULT_LAMS = (0.1, 0.3, 0.5, 1.0, 2.0, 5.0, 10.0)
@@ -284,10 +289,11 @@ def tune_run(args, inputs: dict | None = None) -> dict:
     out, data, ft = inputs["out"], inputs["data"], inputs["finetune"]
     fp = search_fingerprint(args, inputs)
     best_file, results_file = out / BEST_FILE, out / RESULTS_FILE
-    if not args.overwrite and best_file.exists() and results_file.exists():
-        prev = read_json(best_file)
-        if prev.get("fingerprint") == fp:
-            return {"table": pq.read_table(results_file).to_pandas(), "best": prev, "reused": True}
+    rd = search_dir(out)
+    done = rd.check({SEARCH_STAGE: fp}, overwrite=args.overwrite)  # another search's results: refused
+    if SEARCH_STAGE in done and best_file.exists() and results_file.exists():
+        return {"table": pq.read_table(results_file).to_pandas(), "best": read_json(best_file), "reused": True}
+    shutil.rmtree(out / "tune", ignore_errors=True)  # an unfinished search starts again (trials are short)
     titles = inputs["titles"]
     base = None
     generation = {"beams": args.beams, "max_new_tokens": args.max_new_tokens,
@@ -353,7 +359,13 @@ def tune_run(args, inputs: dict | None = None) -> dict:
     res = pa.Table.from_pandas(table, preserve_index=False)
     atomic_write_with(results_file, lambda tmp: pq.write_table(res, tmp), option="--out")
     atomic_write_bytes(best_file, json.dumps(best, indent=2, default=str).encode(), option="--out")
+    rd.finish(SEARCH_STAGE, best["wall_s"], trials=len(table), search=args.search)
     return {"table": table, "best": best, "reused": False}
+
+
+def search_dir(out: Path) -> RunDir:
+    """The run folder of a search (by default the prune run's own: its manifest gains stage ``tune``)."""
+    return RunDir(out, {SEARCH_STAGE: [BEST_FILE, RESULTS_FILE, "tune"]}, create=False)
 
 
 def run(args) -> int:
@@ -361,6 +373,7 @@ def run(args) -> int:
     from jobs.ray_init import init_ray
 
     inputs = validate_inputs(args)  # bad input fails here, before a Ray cluster is started or joined
+    search_dir(inputs["out"]).plan({SEARCH_STAGE: search_fingerprint(args, inputs)}, overwrite=args.overwrite)
     init_ray(address=args.address, runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}})
     res = tune_run(args, inputs)
     import pandas as pd

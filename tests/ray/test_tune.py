@@ -94,7 +94,7 @@ def test_bad_input_fails_before_ray_starts(tmp_path, monkeypatch):
 @pytest.mark.ray
 @pytest.mark.timeout(900)
 def test_textrec_grid_every_combination_once_then_reused(ray_cluster, tmp_path):
-    from engine.errors import ConfigError
+    from engine.errors import ConfigError, ResumeError
     from engine.llm.textrec import build_tiny_encoder
     from jobs import tune
 
@@ -121,6 +121,10 @@ def test_textrec_grid_every_combination_once_then_reused(ray_cluster, tmp_path):
     assert best["backend"]["name"] == "textrec" and best["search"] == "grid"
     again = tune.tune_run(args, tune.validate_inputs(args))
     assert again["reused"] and again["best"] == best  # a finished search of the same config: nothing runs
+    other = p.parse_args([*argv, "--epochs", "2"])
+    with pytest.raises(ResumeError, match="different config for stage"):  # another search: refused, not redone
+        tune.tune_run(other, tune.validate_inputs(other))
+    assert json.loads((run / tune.BEST_FILE).read_text()) == best
     (run / "manifest.json").write_text(json.dumps({"backend": {"name": "bigrec", "options": {}}}))
     with pytest.raises(ConfigError, match="computed by backend 'bigrec'"):
         tune.validate_inputs(args)

@@ -204,6 +204,19 @@ def test_job_textrec_local_equals_textrec_evaluate(data, titles, encoder, text_a
     with np.load(tmp_path / "m.per_user.npz") as z:
         assert z["user_ids"].tolist() == want["user_ids"] and z["ranked"].shape == (30, 10)
         np.testing.assert_array_equal(z["ndcg@10"], want["per_user"]["ndcg@10"])
+    # the same evaluation again: reused from the folder's manifest, files untouched
+    before = out.read_bytes(), out.stat().st_mtime_ns
+    assert main(argv) == 0
+    assert "not repeated" in capsys.readouterr().out
+    assert (out.read_bytes(), out.stat().st_mtime_ns) == before
+    # another evaluation into the same file: refused (exit 2, nothing changed) unless --overwrite
+    other = [a if a != "30" else "20" for a in argv]
+    assert main(other) == 2
+    err = capsys.readouterr().err
+    assert "--overwrite" in err and "Traceback" not in err
+    assert out.read_bytes() == before[0]
+    assert main(other + ["--overwrite"]) == 0
+    assert json.loads(out.read_text())["users"] == 20
 
 
 def test_job_bigrec_local(data, bigrec, tmp_path, capsys):

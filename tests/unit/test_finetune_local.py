@@ -67,6 +67,11 @@ def test_local_textrec_exports_adapter_reused_and_reloadable(tiny, tmp_path):
     assert _run(tiny, out, "--split", "test", "--max-eval-users", "30", "--ks", "5", "10") == 0  # nothing to do
     assert (out / "finetune.json").stat().st_mtime_ns == stamp
     assert _run(tiny, out, "--lr", "0.001") == 2  # another training config: refused, named
+    # other evaluation options: evaluated again (RunDir stage `evaluate`), never retrained
+    assert _run(tiny, out, "--split", "test", "--max-eval-users", "20", "--ks", "5", "10") == 0
+    assert (out / "finetune.json").stat().st_mtime_ns == stamp and len(read_per_user(out)["user_ids"]) == 20
+    stages = json.loads((out / "manifest.json").read_text())["stages"]
+    assert stages["train"]["done"] and stages["evaluate"]["done"] and stages["evaluate"]["users"] == 20
 
 
 def test_time_budget_stops_training(tiny, tmp_path):

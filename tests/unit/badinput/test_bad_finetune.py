@@ -54,10 +54,10 @@ def test_out_on_a_read_only_location(tmp_path, synth_data, read_only):
 
 def test_corrupt_config_of_an_earlier_run(tmp_path, synth_data):
     (tmp_path / "ft").mkdir()
-    (tmp_path / "ft" / "finetune_config.json").write_text('{"fingerprint": ')
+    (tmp_path / "ft" / "manifest.json").write_text('{"stages": ')
     before = snapshot(tmp_path / "ft")
     res = run_cli("finetune", "--data", synth_data, "--all", "--out", "ft", *ARGS, cwd=tmp_path)
-    assert_rejected(res, "finetune_config.json")
+    assert_rejected(res, "manifest.json")
     assert snapshot(tmp_path / "ft") == before
 
 
