@@ -12,9 +12,9 @@ Keys are numpy arrays of :data:`KEY_DTYPE` (two little-endian uint64 fields, ``h
 ``lo``); ``keys[i]`` is sample i's key, ``a == b`` compares keys elementwise. They compare by
 item ids, so two folders' keys are comparable only where the folders share the catalogue
 (same item ids for the same items): ``dealrec prepare --until`` and ``--format
-simulate-yesterday`` keep it (engine/data/prepare.py); the score cache's config key holds
-the catalogue fingerprint (:func:`engine.score_cache.catalogue_key`) so that a changed title
-never reuses a score.
+simulate-yesterday`` keep it (engine/data/importers/interactions.py, engine/data/simulate.py);
+the score cache's config key holds the catalogue fingerprint
+(:func:`engine.score_cache.catalogue_key`) so that a changed title never reuses a score.
 
 The hash (version :data:`KEY_VERSION`): every element of the canonical encoding (each byte of
 the user id's UTF-8 at its position, each history item at its position, the target, the two

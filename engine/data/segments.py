@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from engine.data.schema import PreparedWriter
+from engine.data.writer import PreparedWriter
 from engine.errors import DataError
 
 __all__ = ["add_counts", "gather_lists", "write_user_segments"]

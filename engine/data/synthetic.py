@@ -28,7 +28,7 @@ The generator mimics what matters to DEALRec (see docs/method.md#samples):
 Streaming: users are generated in fixed chunks of ``CHUNK_USERS`` with a random
 generator seeded by ``(seed, chunk index)``; a first pass draws only the timestamps
 (to find the cut points), the second redraws the same chunks and writes them through
-:class:`engine.data.schema.PreparedWriter`. Memory is bounded by one chunk, not by the
+:class:`engine.data.writer.PreparedWriter`. Memory is bounded by one chunk, not by the
 number of interactions. The same seed gives byte-identical files (chunk size and file
 layout are fixed by the config, never by the machine).
 """
@@ -42,7 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.data.schema import META_FILE, PreparedWriter
+from engine.data.layout import META_FILE
+from engine.data.writer import PreparedWriter
 from engine.data.segments import add_counts, write_user_segments
 
 __all__ = ["CHUNK_USERS", "SyntheticSpec", "generate_synthetic", "make_catalog"]
@@ -279,7 +280,7 @@ def generate_synthetic(
     """Generate a synthetic data set into the (empty, temporary) folder ``root``.
 
     Args:
-        root: the folder to write (use inside :func:`engine.data.schema.atomic_dir`).
+        root: the folder to write (use inside :func:`engine.data.writer.atomic_dir`).
         users: number of users generated (users without a training item are dropped).
         items: catalogue size.
         interactions_per_user: mean sequence length.

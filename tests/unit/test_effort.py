@@ -109,7 +109,7 @@ def test_score_batch_independent_of_batch_and_micro_batch(llm, samples):
 
 
 def test_fallback_for_trainable_embedding_is_exact_and_warns(llm, samples, monkeypatch):
-    import engine.effort as eff
+    import engine.effort.hooks as hooks  # where _ExtraParams looks _is_plain_embedding up
 
     model, tok = llm
     hist, tgt = samples
@@ -121,7 +121,7 @@ def test_fallback_for_trainable_embedding_is_exact_and_warns(llm, samples, monke
         with warnings.catch_warnings():  # an embedding has its own hook path now (#19): no fallback
             warnings.simplefilter("error")
             hooked = per_sample_grad_norms(model, per_sample_causal_lm_loss, batch)
-        monkeypatch.setattr(eff, "_is_plain_embedding", lambda mod: False)  # force the fallback
+        monkeypatch.setattr(hooks, "_is_plain_embedding", lambda mod: False)  # force the fallback
         with pytest.warns(UserWarning, match="embed_tokens"):
             got = per_sample_grad_norms(model, per_sample_causal_lm_loss, batch)
     finally:
@@ -175,7 +175,8 @@ def test_no_trainable_parameters_raises():
 
 
 def test_fallback_chunked_and_loop_paths_agree(llm, samples, monkeypatch):
-    import engine.effort as eff
+    import engine.effort.fallback as fallback  # where _fallback_sq_norms looks _FALLBACK_BUDGET up
+    import engine.effort.hooks as hooks
 
     model, tok = llm
     hist, tgt = samples
@@ -184,11 +185,20 @@ def test_fallback_chunked_and_loop_paths_agree(llm, samples, monkeypatch):
     emb.requires_grad_(True)
     try:
         ref = per_sample_grad_norms_loop(model, per_sample_causal_lm_loss, batch)
-        monkeypatch.setattr(eff, "_is_plain_embedding", lambda mod: False)  # the embedding takes the fallback
-        monkeypatch.setattr(eff, "_FALLBACK_BUDGET", emb.numel())  # one sample per vmap chunk
-        with pytest.warns(UserWarning):
-            chunked = per_sample_grad_norms(model, per_sample_causal_lm_loss, batch)
+        monkeypatch.setattr(hooks, "_is_plain_embedding", lambda mod: False)  # the embedding takes the fallback
+        monkeypatch.setattr(fallback, "_FALLBACK_BUDGET", emb.numel())  # one sample per vmap chunk
         real_grad = torch.autograd.grad
+        chunks = []
+
+        def counting(*a, **k):
+            if k.get("is_grads_batched"):
+                chunks.append(k["grad_outputs"].shape[0])
+            return real_grad(*a, **k)
+
+        monkeypatch.setattr(torch.autograd, "grad", counting)
+        with pytest.warns(UserWarning, match="embed_tokens"):
+            chunked = per_sample_grad_norms(model, per_sample_causal_lm_loss, batch)
+        assert chunks == [1, 1, 1, 1]  # the patched budget took effect: the vmap ran one sample at a time
 
         def no_vmap(*a, **k):
             if k.get("is_grads_batched"):
@@ -196,7 +206,7 @@ def test_fallback_chunked_and_loop_paths_agree(llm, samples, monkeypatch):
             return real_grad(*a, **k)
 
         monkeypatch.setattr(torch.autograd, "grad", no_vmap)
-        with pytest.warns(UserWarning):
+        with pytest.warns(UserWarning, match="embed_tokens"):
             looped = per_sample_grad_norms(model, per_sample_causal_lm_loss, batch)
     finally:
         emb.requires_grad_(False)

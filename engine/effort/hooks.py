@@ -1,27 +1,13 @@
-"""Effort score (DEALRec eq. 12): the L2 norm of each sample's loss gradient w.r.t. the LLM's
-trainable (LoRA) parameters, at the pretrained model, computed for a whole batch in one pass.
+"""The per-module-type machinery of :func:`engine.effort.per_sample_grad_norms`: which trainable
+parameters the one-backward path hooks, and their per-sample squared gradient norms.
 
-Method (exact, no per-sample loop):
-  * forward hooks on every ``nn.Linear`` whose weight/bias is trainable record the layer input
-    ``a`` [B, T, d_in] and output ``z`` (LoRA's ``lora_A``/``lora_B`` are such Linears);
-  * ONE backward of the SUM of the per-sample losses gives ``g = dL/dz`` [B, T, d_out]; since
-    sample i's loss depends only on row i, ``g[i]`` is sample i's own output gradient;
-  * per-sample weight gradient ``G_i = sum_t g[i,t] a[i,t]^T``; its squared norm is taken either
-    materialised (``einsum('bto,bti->boi')``, cost B*T*d_in*d_out) or as a ghost norm
-    (``sum_{t,s} (a_t.a_s)(g_t.g_s)``, cost B*T^2*(d_in+d_out)), whichever is cheaper for that
-    layer; LoRA layers (d_out or d_in = r) always materialise. Bias: ``sum_t g[i,t]``.
-  * the backward asks autograd for output gradients only (``torch.autograd.grad`` w.r.t. the
-    recorded outputs), so no weight gradients are formed and ``.grad`` is never touched.
-
-Fallback: trainable parameters that are not the weight/bias of an ``nn.Linear`` used through
-its own forward (an embedding or norm made trainable, a weight tied to an embedding, peft's
-LoRA-embedding matrices) get exact per-sample gradients from the same forward graph with
-``torch.autograd.grad(..., is_grads_batched=True)`` (vmap over the backward), or a per-sample
-backward restricted to them when vmap cannot run; a warning names them.
+``nn.Linear`` (:func:`_split_params`, :func:`_sq_norm_weight`): trainable weights/biases of a
+Linear used through its own forward; see :mod:`engine.effort` for the method.
 
 Other module types (:class:`_ExtraParams`; all parameters of a fully fine-tuned model, e.g. TIGER's
-T5): instead of the fallback, parameters owned by these get exact per-sample gradients from the
-same single backward (output gradients of their modules, as for Linear layers):
+T5): instead of the fallback (:mod:`engine.effort.fallback`), parameters owned by these get exact
+per-sample gradients from the same single backward (output gradients of their modules, as for
+Linear layers):
 
   * ``nn.Embedding`` (its own forward, no ``max_norm`` / ``scale_grad_by_freq``): sample i's
     gradient is the sum of its output gradients per distinct index; the squared norm is taken
@@ -44,27 +30,17 @@ same single backward (output gradients of their modules, as for Linear layers):
     summed before the norm.
 
 Nothing is silently lost: the same backward also returns the batch gradient of these parameters,
-and the sum over samples of the per-sample gradients must match it (relative error <= 1e-3;
-a use outside the hooked forwards would break it); a parameter that fails the check moves to the
-fallback with a warning naming it. Models whose trainable parameters are all Linear (LoRA) run
-exactly the code they ran before (no extra hooks, same backward).
-
-Assumptions: dim 0 of every hooked Linear input is the batch (true for HF models; a layer that
-breaks it is moved to the fallback); no activation checkpointing (recomputed forwards would
-fire hooks twice). The model is put in eval mode while scoring (restored after), so LoRA
-dropout is OFF and scores are deterministic and batch-independent.
+and the sum over samples of the per-sample gradients must match it (relative error <= 1e-3,
+``_COVERAGE_RTOL``; a use outside the hooked forwards would break it); a parameter that fails the
+check moves to the fallback with a warning naming it.
 """
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
 from torch import nn
-
-__all__ = ["per_sample_grad_norms", "per_sample_grad_norms_loop", "per_sample_grad_dots", "per_sample_grad_dots_loop"]
 
 
 @contextmanager
@@ -119,40 +95,6 @@ def _sq_norm_weight(calls, B: int) -> torch.Tensor:
 def _flat3(x: torch.Tensor) -> torch.Tensor:
     x = x.float()
     return x.reshape(x.shape[0], -1, x.shape[-1]) if x.dim() != 2 else x.unsqueeze(1)
-
-
-_FALLBACK_BUDGET = 1 << 26  # elements of batched per-sample gradients held at once (256 MB fp32)
-
-
-def _fallback_sq_norms(losses: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
-    """Exact per-sample squared grad norms of ``params`` from the existing graph.
-
-    Batched: vmap over the backward (``is_grads_batched``), in chunks of samples so that at most
-    ``_FALLBACK_BUDGET`` gradient elements are alive (an embedding of a 7B model is 131M numbers
-    per sample). Falls back to one backward per sample when an op has no vmap rule.
-    """
-    B = losses.shape[0]
-    out = torch.zeros(B, dtype=torch.float32, device=losses.device)
-    numel = max(1, sum(p.numel() for p in params))
-    chunk = max(1, min(B, _FALLBACK_BUDGET // numel))
-    eye = torch.eye(B, dtype=losses.dtype, device=losses.device)
-    try:
-        for s in range(0, B, chunk):
-            rows = eye[s:s + chunk]
-            grads = torch.autograd.grad(losses, params, grad_outputs=rows, is_grads_batched=True,
-                                        retain_graph=True, allow_unused=True)
-            for g in grads:
-                if g is not None:
-                    out[s:s + rows.shape[0]] += g.float().reshape(rows.shape[0], -1).pow(2).sum(dim=1)
-        return out
-    except RuntimeError:
-        out.zero_()
-    for i in range(B):
-        grads = torch.autograd.grad(losses[i], params, retain_graph=True, allow_unused=True)
-        for g in grads:
-            if g is not None:
-                out[i] += g.float().pow(2).sum()
-    return out
 
 
 # ------------------------------------------------------------ non-Linear parameter types
@@ -386,204 +328,3 @@ class _ExtraParams:
         if sq is None:
             sq = torch.zeros(B, dtype=torch.float32, device=next(iter(self.trainable.values()))[1].device)
         return sq, failed
-
-
-def per_sample_grad_norms(model: nn.Module, loss_fn: Callable[[nn.Module, dict], torch.Tensor], batch: dict) -> torch.Tensor:
-    """Exact L2 norm of each sample's loss gradient w.r.t. all trainable parameters, in one pass.
-
-    Args:
-        model: any ``nn.Module`` (e.g. a peft-wrapped HF causal LM); the parameters with
-            ``requires_grad`` define the gradient. Put in eval mode during the call (LoRA dropout
-            off), its previous modes restored after.
-        loss_fn: ``loss_fn(model, batch) -> Tensor[B]`` of per-sample losses, where sample i's loss
-            depends only on row i of the batch (e.g. :func:`engine.llm.bigrec.prompts.per_sample_causal_lm_loss`).
-        batch: whatever ``loss_fn`` takes (a dict of tensors with the batch in dim 0).
-
-    Returns:
-        float32 Tensor [B] (detached, on the losses' device): ``||grad_theta loss_i||_2``.
-
-    Raises:
-        ValueError: the model has no trainable parameter or ``loss_fn`` does not return shape [B].
-
-    Warns:
-        UserWarning naming parameters handled by the (slower) fallback path.
-    """
-    trainable, modules, linear_params, fallback = _split_params(model)
-    if not trainable:
-        raise ValueError("model has no parameter with requires_grad=True; nothing to take a gradient of")
-
-    records: dict[int, list[list]] = {id(m): [] for m in modules}  # per module: [input, output]
-
-    def fwd_hook(mod, inputs, output):
-        if torch.is_grad_enabled() and output.requires_grad:
-            records[id(mod)].append([inputs[0].detach(), output])
-
-    handles = [m.register_forward_hook(fwd_hook) for m in modules]
-    extra = _ExtraParams(model, trainable, fallback)  # takes its parameters out of ``fallback``
-    try:
-        with _eval_mode(model), torch.enable_grad():
-            handles += extra.install()
-            losses = loss_fn(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
-        extra.uninstall()
-    if losses.dim() != 1:
-        raise ValueError(f"loss_fn must return per-sample losses of shape [B], got {tuple(losses.shape)}")
-    B = losses.shape[0]
-
-    # A hooked layer whose input does not carry the batch in dim 0 cannot be split per sample.
-    bad_mods = {mid for mid, calls in records.items() if any(c[0].dim() < 2 or c[0].shape[0] != B for c in calls)}
-    for pid, owners in list(linear_params.items()):
-        if any(id(m) in bad_mods for m, _ in owners):
-            fallback.add(pid)
-            del linear_params[pid]
-    fallback |= extra.drop_unbatched(B)
-
-    sq = torch.zeros(B, dtype=torch.float32, device=losses.device)
-    if fallback:
-        names = sorted(trainable[pid][0] for pid in fallback)
-        shown = ", ".join(names[:10]) + (f", ... ({len(names)} in all)" if len(names) > 10 else "")
-        warnings.warn(
-            f"per_sample_grad_norms: {len(names)} trainable parameter(s) are not nn.Linear weights/biases "
-            f"and use the slower fallback (batched vmap backward or a per-sample loop): {shown}",
-            stacklevel=2,
-        )
-        sq += _fallback_sq_norms(losses, [trainable[pid][1] for pid in sorted(fallback, key=lambda p: trainable[p][0])])
-
-    used_mods = {id(m) for owners in linear_params.values() for m, _ in owners}
-    outs, keys = [], []
-    for mid, calls in records.items():
-        if mid not in used_mods:
-            continue
-        for k, c in enumerate(calls):
-            outs.append(c[1])
-            keys.append((mid, k))
-    extra_inputs = extra.grad_inputs()
-    if extra_inputs:  # one backward for both; the graph is kept for a failed coverage check
-        all_grads = torch.autograd.grad(losses.sum(), outs + extra_inputs, allow_unused=True, retain_graph=True)
-        extra.set_grads(all_grads[len(outs):])
-        all_grads = all_grads[:len(outs)]
-    if outs:
-        grads = all_grads if extra_inputs else torch.autograd.grad(losses.sum(), outs, allow_unused=True)
-        for (mid, k), g in zip(keys, grads):
-            rec = records[mid][k]
-            rec[1] = torch.zeros_like(rec[1]) if g is None else g.detach()
-        for pid, owners in linear_params.items():
-            calls = []
-            for mod, kind in owners:
-                for a, g in records[id(mod)]:
-                    if kind == "weight":
-                        calls.append((_flat3(a), _flat3(g)))
-                    else:
-                        calls.append((None, _flat3(g)))
-            if not calls:
-                continue
-            if owners[0][1] == "weight":
-                sq += _sq_norm_weight(calls, B)
-            else:
-                gb = sum(g.sum(dim=1) for _, g in calls)
-                sq += gb.pow(2).sum(dim=1)
-    if extra_inputs:
-        extra_sq, failed = extra.sq_norms(B)
-        sq += extra_sq
-        if failed:
-            names = sorted(trainable[pid][0] for pid in failed)
-            warnings.warn(
-                f"per_sample_grad_norms: the per-sample gradients of {len(names)} parameter(s) do not add up to "
-                f"their batch gradient (a use outside the hooked module forward?); using the slower fallback "
-                f"for: {', '.join(names)}", stacklevel=2)
-            sq += _fallback_sq_norms(losses, [trainable[pid][1] for pid in sorted(failed, key=lambda p: trainable[p][0])])
-    return sq.sqrt().detach()
-
-
-def per_sample_grad_norms_loop(model: nn.Module, loss_fn: Callable[[nn.Module, dict], torch.Tensor],
-                               batch: dict) -> torch.Tensor:
-    """Reference: one forward + backward per sample (slow; for tests and benchmarks).
-
-    Args:
-        model, loss_fn, batch: as :func:`per_sample_grad_norms`; every tensor of ``batch`` is
-            sliced to one row per step.
-
-    Returns:
-        float32 Tensor [B] of gradient norms.
-    """
-    params = [p for p in model.parameters() if p.requires_grad]
-    B = next(v.shape[0] for v in batch.values() if torch.is_tensor(v))
-    out = torch.zeros(B, dtype=torch.float32)
-    with _eval_mode(model), torch.enable_grad():
-        for i in range(B):
-            one = {k: (v[i:i + 1] if torch.is_tensor(v) else v) for k, v in batch.items()}
-            loss = loss_fn(model, one)[0]
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
-            out[i] = torch.sqrt(sum(g.float().pow(2).sum() for g in grads if g is not None).cpu())
-    return out
-
-
-def _flat_u(u: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
-    """``u`` (flat, over ``params`` in order) cut into one tensor per parameter."""
-    total = sum(p.numel() for p in params)
-    u = torch.as_tensor(u)
-    if u.dim() != 1 or u.numel() != total:
-        raise ValueError(f"u must be a flat vector over the trainable parameters ({total} entries, "
-                         f"[p for p in model.parameters() if p.requires_grad] in that order), got shape {tuple(u.shape)}")
-    out, k = [], 0
-    for p in params:
-        out.append(u[k:k + p.numel()].view_as(p).to(device=p.device, dtype=p.dtype))
-        k += p.numel()
-    return out
-
-
-def per_sample_grad_dots(model: nn.Module, loss_fn: Callable[[nn.Module, dict], torch.Tensor], batch: dict,
-                         u: torch.Tensor) -> torch.Tensor:
-    """Exact ``<grad_theta loss_i, u>`` of every sample of a batch, in one pass (any parameter type).
-
-    The LLM-side influence of issue #20: u is one broadcast vector (e.g. the mean gradient of the
-    validation-period loss), and each sample's score is its gradient's dot product with u. Method:
-    with per-sample weights ``w`` (ones), ``g(w) = grad_theta sum_i w_i loss_i`` is one backward
-    with ``create_graph``; ``<g(w), u>`` is linear in w, so its gradient w.r.t. w is exactly the
-    vector of per-sample dots (a second backward). No per-sample gradient is materialised, and
-    every trainable parameter (LoRA Linears, embeddings, norms, biases) is covered alike.
-
-    Args:
-        model: any ``nn.Module``; put in eval mode during the call (dropout off), modes restored.
-        loss_fn: ``loss_fn(model, batch) -> Tensor[B]``, sample i's loss depending on row i only.
-        batch: what ``loss_fn`` takes.
-        u: flat vector over ``[p for p in model.parameters() if p.requires_grad]`` in that order.
-
-    Returns:
-        float32 Tensor [B] (detached).
-
-    Raises:
-        ValueError: no trainable parameter, ``loss_fn`` not of shape [B], or ``u`` of the wrong size.
-    """
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("model has no parameter with requires_grad=True; nothing to take a gradient of")
-    us = _flat_u(u, params)
-    with _eval_mode(model), torch.enable_grad():
-        losses = loss_fn(model, batch)
-        if losses.dim() != 1:
-            raise ValueError(f"loss_fn must return per-sample losses of shape [B], got {tuple(losses.shape)}")
-        w = torch.ones_like(losses, requires_grad=True)
-        grads = torch.autograd.grad((w * losses).sum(), params, create_graph=True, allow_unused=True)
-        s = sum((g * x).sum() for g, x in zip(grads, us) if g is not None)
-        if not torch.is_tensor(s) or not s.requires_grad:  # no parameter reaches the loss
-            return torch.zeros(losses.shape[0], dtype=torch.float32)
-        (dots,) = torch.autograd.grad(s, w)
-    return dots.detach().float()
-
-
-def per_sample_grad_dots_loop(model: nn.Module, loss_fn: Callable[[nn.Module, dict], torch.Tensor], batch: dict,
-                              u: torch.Tensor) -> torch.Tensor:
-    """Reference of :func:`per_sample_grad_dots`: one forward + backward per sample."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    us = _flat_u(u, params)
-    B = next(v.shape[0] for v in batch.values() if torch.is_tensor(v))
-    out = torch.zeros(B, dtype=torch.float32)
-    with _eval_mode(model), torch.enable_grad():
-        for i in range(B):
-            one = {k: (v[i:i + 1] if torch.is_tensor(v) else v) for k, v in batch.items()}
-            grads = torch.autograd.grad(loss_fn(model, one)[0], params, allow_unused=True)
-            out[i] = float(sum((g.double() * x.double()).sum() for g, x in zip(grads, us) if g is not None))
-    return out
