@@ -17,6 +17,15 @@ Input batches carry ``sample_id``, ``history`` (item ids, oldest first) and ``ta
 rows are ``{"sample_id": int64, "effort": float64}``. Scores are those of the backend's engine
 function (:func:`engine.llm.bigrec.effort.score_effort_batch`,
 :func:`engine.llm.textrec.effort_scores`) on the same samples.
+
+With ``u_ref`` (the LLM-side influence, :mod:`engine.influence.llm`): rows also carry
+``llm_influence`` (float64), each sample's trainable-parameter gradient dotted with the one
+broadcast vector u, which :func:`llm_valid_direction` computes once (one task, the pool's
+resources) from the validation pairs::
+
+    u = ray.get(ray.remote(num_cpus=1)(llm_valid_direction).remote("bigrec", options, titles_ref, pairs))
+    score_shards(..., constructor_kwargs={"micro_batch_size": 16, "u_ref": ray.put(u)},
+                 output_columns=("sample_id", "effort", "llm_influence"), ...)
 """
 
 from __future__ import annotations
@@ -58,10 +67,12 @@ class EffortScorer:
             path of an ``items.parquet`` (or of a prepared folder holding one).
         micro_batch_size: samples per forward/backward inside a batch.
         threads: torch threads of this replica (0: leave torch's default).
+        u_ref: the LLM-side influence direction u (numpy, flat over the model's trainable
+            parameters in order; or a ref to it): adds the ``llm_influence`` column. None: effort only.
     """
 
     def __init__(self, backend_name: str, backend_options: dict | None, titles_ref_or_items_path, *,
-                 micro_batch_size: int = 16, threads: int = 0):
+                 micro_batch_size: int = 16, threads: int = 0, u_ref=None):
         if isinstance(backend_options, ray.ObjectRef):
             backend_options = ray.get(backend_options)
         if threads:
@@ -71,9 +82,46 @@ class EffortScorer:
         self.backend = get_backend(backend_name, _resolve_titles(titles_ref_or_items_path), **(backend_options or {}))
         self.micro_batch_size = int(micro_batch_size)
         self.model = self.backend.build_model()
+        self.u = None
+        if u_ref is not None:  # once per actor: cast to the parameters' dtype and device
+            import torch
+
+            from engine.influence.llm import trainable_parameters
+
+            u = ray.get(u_ref) if isinstance(u_ref, ray.ObjectRef) else u_ref
+            p0 = trainable_parameters(self.model)[0]
+            self.u = torch.from_numpy(np.array(u, copy=True)).to(device=p0.device, dtype=p0.dtype)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ids = np.asarray(batch["sample_id"], dtype=np.int64)
         scores = self.backend.effort(self.model, ids, batch["history"], np.asarray(batch["target"]),
                                      micro_batch=self.micro_batch_size)
-        return {"sample_id": ids, "effort": np.asarray(scores, dtype=np.float64)}
+        out = {"sample_id": ids, "effort": np.asarray(scores, dtype=np.float64)}
+        if self.u is not None:
+            from engine.influence.llm import llm_influence_scores
+
+            out["llm_influence"] = llm_influence_scores(self.backend, self.model, ids, list(batch["history"]),
+                                                        np.asarray(batch["target"]), self.u,
+                                                        micro_batch=self.micro_batch_size)
+        return out
+
+
+def llm_valid_direction(backend_name: str, backend_options: dict | None, titles_ref_or_items_path, pairs: dict, *,
+                        micro_batch_size: int = 16, threads: int = 0) -> np.ndarray:
+    """u of the LLM-side influence: the mean trainable-parameter gradient of the validation loss
+    (:func:`engine.influence.llm.valid_gradient`) at the model an :class:`EffortScorer` of the same
+    arguments holds. Run it as one Ray task with the effort actors' resources.
+
+    Args:
+        pairs: :func:`engine.influence.llm.validation_pairs` (or a ref to it).
+
+    Returns:
+        float64 [m], flat over the model's trainable parameters in order.
+    """
+    from engine.influence.llm import valid_gradient
+
+    if isinstance(pairs, ray.ObjectRef):
+        pairs = ray.get(pairs)
+    scorer = EffortScorer(backend_name, backend_options, titles_ref_or_items_path, micro_batch_size=micro_batch_size,
+                          threads=threads)
+    return valid_gradient(scorer.backend, scorer.model, pairs, micro_batch=scorer.micro_batch_size)

@@ -1,6 +1,6 @@
 """Effort-score throughput per LLM backend: batched per-sample gradient norms vs a per-sample
 loop vs a plain batched forward+backward of the same summed loss, on one model and one batch,
-measured in one run after warm-up (``--backend bigrec textrec``, both when omitted).
+measured in one run after warm-up (``--backend bigrec textrec tiger``, all when omitted).
 
 ``bigrec`` model: LLaMA architecture (hidden 256, 4 layers, 4 heads, MLP 688, vocab 4096, random
 seeded weights), peft LoRA r=8 on q_proj/v_proj with A and B both non-zero; batch of 32 sequences
@@ -18,12 +18,21 @@ timed inside one real ``per_sample_grad_norms`` call: the user-tower forward and
 the loss, the backward (a timing wrapper around ``torch.autograd.grad``) and the remainder (the
 per-sample norms from the recorded activations and output gradients).
 
+``tiger`` model: the backend itself with the paper's TIGER (T5, 4 + 4 layers, 6 heads, d_model
+128, MLP 1024, seeded init) over Games-shaped random semantic IDs (17,332 items, 3 x 256 codes +
+the de-duplication token, 2,000 user tokens); EVERY parameter is trainable (the paper fully
+fine-tunes TIGER), so the effort covers embeddings, T5LayerNorms and relative-position biases
+besides the Linear layers; ``--batch`` samples with histories of 1..20 items, loss
+``backend.per_sample_loss`` (mean token cross-entropy of the target tuple). (The standalone
+``benchmarks/effort_tiger.py`` measures the same three paths without the memory columns.)
+
 Peak memory: on CPU, the peak resident set size during the measured call minus the RSS just
 before it (Linux: reset the high-water mark by writing 5 to /proc/self/clear_refs, read VmHWM);
 on CUDA, torch.cuda.max_memory_allocated minus the allocation before the call.
 
 Run:
-    .venv/bin/python benchmarks/effort.py                 # CPU, both backends, a few minutes on 2 cores
+    .venv/bin/python benchmarks/effort.py                 # CPU, all backends, a few minutes on 2 cores
+    .venv/bin/python benchmarks/effort.py --backend tiger --threads 1 --repeats 5
     .venv/bin/python benchmarks/effort.py --backend textrec --data /tmp/games --batch 16 --threads 1
     .venv/bin/python benchmarks/effort.py --device cuda   # GPU
     .venv/bin/python benchmarks/effort.py --hidden 64 --layers 2 --repeats 1   # tiny smoke run
@@ -243,7 +252,39 @@ def textrec_setup(args, device: torch.device) -> tuple:
     return model, backend.per_sample_loss, batch, what
 
 
-SETUPS = {"bigrec": bigrec_setup, "textrec": textrec_setup}
+def tiger_setup(args, device: torch.device) -> tuple:
+    """(model, loss_fn, batch, description) of the tiger measurement: the backend itself
+    (:func:`engine.llm.get_backend`) with the paper's TIGER (T5 4+4 layers, 6 heads, d_model 128,
+    MLP 1024; seeded init, every parameter trainable, eval mode: dropout off as in the effort
+    pass) over Games-shaped semantic IDs (``--tiger-items`` items, ``--tiger-levels`` x
+    ``--tiger-codes`` random codes + the de-duplication token, 2,000 user tokens); ``--batch``
+    samples with histories of 1..20 items (right-padded), loss ``backend.per_sample_loss``
+    (mean token cross-entropy of the target tuple)."""
+    import numpy as np
+
+    from engine.llm import get_backend
+    from engine.semantic_ids import SemanticIds, dedup_codes
+
+    rng = np.random.default_rng(0)
+    codes, dedup, _ = dedup_codes(rng.integers(0, args.tiger_codes, (args.tiger_items, args.tiger_levels)))
+    sids = SemanticIds(codes=codes, level_sizes=[args.tiger_codes] * args.tiger_levels + [dedup])
+    backend = get_backend("tiger", [""] * args.tiger_items, config={"device": str(device), "seed": 0},
+                          semantic_ids=sids)
+    model = backend.build_model().eval()
+    rng = np.random.default_rng(1)
+    hist = [rng.integers(0, args.tiger_items, rng.integers(1, 21)).tolist() for _ in range(args.batch)]
+    tgt = rng.integers(0, args.tiger_items, args.batch).tolist()
+    batch = {k: v.to(device) for k, v in backend.encode_samples(range(args.batch), hist, tgt).items()}
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    kinds = sorted({type(m).__name__ for m in model.modules() if any(True for _ in m.parameters(recurse=False))})
+    what = (f"TIGER T5 4+4 layers d_model 128, ALL {n:,} parameters trainable ({', '.join(kinds)}); vocab "
+            f"{backend.layout.vocab_size:,} ({args.tiger_items:,} items, {args.tiger_levels} x {args.tiger_codes} "
+            f"codes + dedup {dedup}); batch {args.batch} x {batch['input_ids'].shape[1]} encoder tokens (padded), "
+            f"{batch['labels'].shape[1]} target tokens")
+    return model, backend.per_sample_loss, batch, what
+
+
+SETUPS = {"bigrec": bigrec_setup, "textrec": textrec_setup, "tiger": tiger_setup}
 
 
 def _clock() -> tuple[float, float]:
@@ -369,7 +410,7 @@ def run_backend(name: str, args, argv: list[str], device: torch.device) -> None:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backend", nargs="+", choices=sorted(SETUPS), default=sorted(SETUPS),
-                    help="backends to measure (default: both)")
+                    help="backends to measure (default: all)")
     ap.add_argument("--hidden", type=int, default=256, help="bigrec: LLaMA hidden size")
     ap.add_argument("--layers", type=int, default=4, help="bigrec: LLaMA layers")
     ap.add_argument("--heads", type=int, default=4, help="bigrec: attention heads")
@@ -381,7 +422,10 @@ def main(argv=None) -> None:
                     "--batch samples are scored (default: the embedded synthetic set)")
     ap.add_argument("--textrec-model", default=None, help="textrec: encoder folder (default: all-MiniLM-L6-v2)")
     ap.add_argument("--negatives", type=int, default=15, help="textrec: fixed negatives per sample")
-    ap.add_argument("--breakdown", action="store_true", help="also break down the bigrec effort pass")
+    ap.add_argument("--tiger-items", type=int, default=17332, help="tiger: catalogue size (Games: 17,332)")
+    ap.add_argument("--tiger-levels", type=int, default=3, help="tiger: content code levels")
+    ap.add_argument("--tiger-codes", type=int, default=256, help="tiger: codes per level")
+    ap.add_argument("--breakdown", action="store_true", help="also break down the bigrec / tiger effort pass")
     ap.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
                     help="measure each path's peak memory in a fresh process")
     ap.add_argument("--repeats", type=int, default=3)

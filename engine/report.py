@@ -4,7 +4,8 @@
 
 - ``hist_influence.png``, ``hist_effort.png``, ``hist_score.png``: each score term and the
   combined score over all samples, with the selected subset overlaid (both as densities,
-  so a 1% subset is visible next to the full set);
+  so a 1% subset is visible next to the full set); ``hist_llm_influence.png`` /
+  ``hist_surrogate_influence.png`` too where the scores have those columns;
 - ``strata.png``: the K strata of Algorithm 2, stratum size vs how many were taken;
 - ``coverage.png``: item-popularity coverage: per popularity decile of the full set, the
   fraction of items the subset's targets cover (with what a uniform random subset of
@@ -37,6 +38,11 @@ SCORE_TERMS = (
     ("influence", "influence score (raw)", "hist_influence.png"),
     ("effort", "effort score (raw)", "hist_effort.png"),
     ("score", "combined / ranking score", "hist_score.png"),
+)
+#: score columns plotted only where a run has them (no note where it has not)
+OPTIONAL_TERMS = (
+    ("llm_influence", "LLM-side influence (raw: LoRA gradient . u)", "hist_llm_influence.png"),
+    ("surrogate_influence", "surrogate influence (raw; not the term selected on)", "hist_surrogate_influence.png"),
 )
 N_DECILES = 10
 
@@ -241,7 +247,7 @@ def write_report(
     images: list[tuple[str, str]] = []
 
     threshold = sd.get("hard_prune_threshold") if sd else None
-    for col, label, fname in SCORE_TERMS:
+    for col, label, fname in (*SCORE_TERMS, *(t for t in OPTIONAL_TERMS if t[0] in df.columns)):
         if col not in df.columns:
             notes.append(f"{label}: not plotted, scores has no '{col}' column (this method does not use it).")
             continue

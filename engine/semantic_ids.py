@@ -27,7 +27,9 @@ Output folder (:func:`write_semantic_ids`):
   * ``semantic_ids.parquet``: ``item_id`` int32 (0..n-1, every item), ``codes`` list<int32> of
     length ``L + 1`` (level ``l`` in ``[0, level_sizes[l])``);
   * ``semantic_ids.json``: the config, ``level_sizes``, per-level codebook utilisation, the
-    collision count, wall time.
+    collision count, wall time, and ``catalogue_sha256`` (:func:`catalogue_digest` of the titles
+    they were built from), by which a backend refuses the codes of another catalogue
+    (:func:`catalogue_problem`).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from engine.errors import ConfigError, DataError, check
 
 __all__ = ["SemanticIdConfig", "SemanticIds", "item_texts", "embed_texts", "residual_kmeans",
            "dedup_codes", "build_semantic_ids", "write_semantic_ids", "read_semantic_ids",
-           "PARQUET_FILE", "REPORT_FILE"]
+           "catalogue_digest", "catalogue_problem", "PARQUET_FILE", "REPORT_FILE"]
 
 PARQUET_FILE = "semantic_ids.parquet"
 REPORT_FILE = "semantic_ids.json"
@@ -134,6 +136,31 @@ class SemanticIds:
     @property
     def length(self) -> int:
         return self.codes.shape[1]
+
+
+def catalogue_digest(titles) -> str:
+    """sha256 of the item titles in item-id order: which catalogue semantic ids were built for."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps([str(t) for t in titles]).encode()).hexdigest()
+
+
+def catalogue_problem(sids: SemanticIds, titles) -> str | None:
+    """Why ``sids`` are not the semantic ids of the catalogue ``titles`` (item-id order), or None.
+
+    The number of tuples must be the number of items, and where the report records the
+    catalogue (``catalogue_sha256``: every folder ``dealrec semantic-ids`` writes) its titles must
+    be these. Codes built by hand (no report) are checked by count only.
+    """
+    titles = list(titles)
+    if sids.n_items != len(titles):
+        return (f"{sids.n_items} tuples for a catalogue of {len(titles)} items; rebuild them for this data set "
+                "(`dealrec semantic-ids --data DATA --out DIR`)")
+    want = sids.report.get("catalogue_sha256") if isinstance(sids.report, dict) else None
+    if want is not None and want != catalogue_digest(titles):
+        return ("built for another catalogue of the same size (its item titles differ from this data set's); "
+                "rebuild them for this data set (`dealrec semantic-ids --data DATA --out DIR`)")
+    return None
 
 
 def item_texts(titles, categories=None, *, use_category: bool = True) -> list[str]:
@@ -258,6 +285,7 @@ def build_semantic_ids(titles, categories=None, cfg: SemanticIdConfig | dict | N
     has_cat = categories is not None and any(c for c in categories)
     report = {
         "config": cfg.to_dict(), "n_items": int(len(codes)), "level_sizes": sizes,
+        "catalogue_sha256": catalogue_digest(titles),
         "used_category": bool(cfg.use_category and has_cat),
         "utilisation": _utilisation(codes, sizes), "collisions": coll,
         "unique_tuples": int(len(np.unique(codes, axis=0))) if len(codes) else 0,

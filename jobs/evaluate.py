@@ -11,10 +11,14 @@ period with items in it (history = everything before it, excluded from the ranki
   before the rankers start.
 * ``--backend textrec``: the sentence encoder + the fine-tuned LoRA of ``--adapter`` (OUT/adapter
   of ``dealrec finetune --backend textrec``), cosine ranking over the catalogue.
+* ``--backend tiger``: the fully fine-tuned T5 of ``--adapter`` (OUT/model of ``dealrec finetune
+  --backend tiger``; without it ``--tiger-checkpoint`` or the seeded init) over the semantic IDs
+  of ``--semantic-ids`` (default: the fine-tune's), beam search constrained to catalogue items.
 
 Options left unset that the fine-tune recorded beside ``--adapter`` (its finetune_config.json:
-bigrec prompt, cutoff length and history length; textrec encoder, prompt and text lengths) are
-taken from there, so an adapter is evaluated on the text it was trained on.
+bigrec prompt, cutoff length and history length; textrec encoder, prompt and text lengths; tiger
+model options and semantic-ID folder) are taken from there, so an adapter is evaluated on the
+text (or codes) it was trained on.
 
 With Ray, a Ray Data pool of ``Ranker`` actors (actors/rank.py, one backend replica each) ranks
 the users in batches of ``--user-batch``; ``--local`` runs the backend in this process. Writes
@@ -82,7 +86,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="prepared data folder")
     add_backend_arguments(parser)
     parser.add_argument("--adapter", default=None,
-                        help="peft adapter folder (OUT/adapter of dealrec finetune / the text-encoder fine-tune)")
+                        help="what the fine-tune trained: the peft adapter folder (OUT/adapter of dealrec finetune) "
+                             "or, for --backend tiger, the whole model (OUT/model)")
     parser.add_argument("--split", default="test", choices=["valid", "test"])
     parser.add_argument("--k", type=int, nargs="+", default=list(DEFAULT_KS), help="cut-offs K")
     parser.add_argument("--max-users", type=int, default=None, help="seeded subset of users")
@@ -169,6 +174,36 @@ def _textrec_options(args) -> dict:
     return {"config": TextRecConfig(**fields).to_dict()}
 
 
+def _tiger_options(args) -> dict:
+    """``{"config": TigerConfig dict, "semantic_ids": folder}``: the TigerConfig fields and the
+    semantic ids the fine-tune recorded beside ``--adapter`` (its ``model/``), then the options;
+    the semantic ids checked against ``--data`` and the model folder against them.
+
+    Raises:
+        ConfigError: every problem, each naming its option.
+    """
+    from engine.errors import ConfigError
+    from engine.llm.tiger.model import TokenLayout, checkpoint_problem
+    from engine.semantic_ids import read_semantic_ids
+    from jobs.backend_args import tiger_options
+
+    rec = _finetune_record(args.adapter, "tiger")
+    fields = {k: v for k, v in (rec.get("tiger") or {}).items() if k not in ("checkpoint", "device")}
+    recorded = rec.get("semantic_ids")
+    if recorded is not None and not Path(str(recorded)).is_dir():
+        recorded = None  # recorded on another machine: give --semantic-ids
+    opts, problems = tiger_options(args, args.data, defaults={**fields, "device": "auto"}, semantic_ids=recorded)
+    if opts is not None and args.adapter:
+        layout = TokenLayout(tuple(read_semantic_ids(opts["semantic_ids"]).level_sizes),
+                             opts["config"]["n_user_tokens"])
+        why = checkpoint_problem(args.adapter, layout)
+        if why:
+            problems.append(f"--adapter: {why}")
+    if problems:
+        raise ConfigError(problems, config="tiger")
+    return opts
+
+
 def config_from_args(args) -> tuple[EvalConfig, dict]:
     """The EvalConfig and the backend's options, validated together.
 
@@ -178,7 +213,7 @@ def config_from_args(args) -> tuple[EvalConfig, dict]:
     Raises:
         ConfigError: every problem at once.
     """
-    option_builder = {"bigrec": _bigrec_options, "textrec": _textrec_options}.get(args.backend)
+    option_builder = {"bigrec": _bigrec_options, "textrec": _textrec_options, "tiger": _tiger_options}.get(args.backend)
     builders = [
         ("evaluate", lambda: EvalConfig(
             data=str(Path(args.data).resolve()), split=args.split, ks=tuple(args.k), max_users=args.max_users,
@@ -188,7 +223,11 @@ def config_from_args(args) -> tuple[EvalConfig, dict]:
         builders.append((args.backend, lambda: option_builder(args)))
     built, problems = collect_problems(builders)
     if option_builder is None:
-        problems.append(f"--backend {args.backend!r}: this job knows the options of bigrec and textrec only")
+        problems.append(f"--backend {args.backend!r}: this job knows the options of bigrec, textrec and tiger only")
+    if args.backend != "tiger":  # TIGER options given to another backend: named
+        from jobs.backend_args import tiger_config_fields
+
+        problems.extend(tiger_config_fields(args)[1])
     if args.workers < 1:
         problems.append(f"--workers {args.workers} must be >= 1")
     if "evaluate" in built:  # the metrics file (and per-user values beside it) is checked before evaluating
@@ -196,8 +235,8 @@ def config_from_args(args) -> tuple[EvalConfig, dict]:
                                option="--out", kind="file")
         if why:
             problems.append(why)
-    if args.adapter:  # a malformed adapter folder is named here, not by peft after the models loaded
-        why = adapter_problem(args.adapter)
+    if args.adapter and args.backend != "tiger":  # a malformed adapter folder is named here, not by peft
+        why = adapter_problem(args.adapter)  # after the models loaded (tiger's model folder: _tiger_options)
         if why:
             problems.append(why)
     raise_if(problems, config="evaluate")
@@ -390,7 +429,7 @@ def run(args) -> int:
         ray.data.DataContext.get_current().enable_progress_bars = False
     rd.check({stage: h}, overwrite=args.overwrite)
     rep = evaluate(cfg, spec, out=args.out, workers=args.workers, local=args.local, gpu=args.gpu)
-    rd.finish(stage, rep["timings"]["total_s"], users=rep["users"])
+    rd.finish(stage, rep["timings"]["total_s"], users=rep["users"], backend=spec["backend"])
     extra = ""
     if rep.get("title_embedding_cache_hit") is not None:
         extra = (f", {rep['distinct_titles']} distinct titles "

@@ -1,9 +1,11 @@
-"""Few-shot LoRA fine-tune of an LLM backend on a selected subset: in process, DDP or DeepSpeed.
+"""Few-shot fine-tune of an LLM backend on a selected subset: in process, DDP or DeepSpeed.
 
 ONE loop (:func:`engine.finetune.train`) over the backend protocol, for every backend
 (``--backend bigrec``: LoRA on a causal LM, BIGRec's prompt and token-mean loss; ``--backend
 textrec``: the MiniLM text encoder + LoRA, in-batch softmax with the item embeddings of every rank
-gathered) and every strategy: ``--strategy local`` runs it in this process without Ray (fastest on
+gathered; ``--backend tiger``: every parameter of a T5 over the semantic IDs of
+``--semantic-ids``, from a seeded init or ``--tiger-checkpoint``, model options ``--tiger-config``)
+and every strategy: ``--strategy local`` runs it in this process without Ray (fastest on
 a few cores); ``ddp`` and ``deepspeed`` run it as the per-worker function of a Ray Train
 ``TorchTrainer`` (DDP through ``ray.train.torch.prepare_model``; DeepSpeed ZeRO-2 by default,
 ZeRO-3 and CPU offload selectable; bf16 + NCCL on GPU, fp32 + gloo on CPU). Local, DDP and
@@ -15,8 +17,11 @@ so far: Ray Train's in OUT/ray_train, the local run's in OUT/checkpoints); a rer
 config is refused unless ``--overwrite``. Early stopping on the validation loss (valid users:
 history -> first valid target; the backend's batch-independent per-sample loss).
 
-Outputs in OUT: ``adapter/`` (best epoch, peft ``save_pretrained`` format), ``finetune.json``
-(config, backend, per-epoch losses, wall time, steps, samples/s, per-rank LoRA checksums),
+Outputs in OUT: ``adapter/`` (best epoch, peft ``save_pretrained`` format; for a backend that
+trains every parameter, tiger, ``model/`` instead: the whole model in the backend's
+``save_model`` format, which ``--tiger-checkpoint`` and ``dealrec evaluate --adapter`` read),
+``finetune.json`` (config, backend, per-epoch losses, wall time, steps, samples/s, per-rank
+checksums of the trained weights),
 ``finetune_config.json`` (config + backend, read by ``dealrec evaluate``), ``manifest.json`` (the run
 folder's stages ``train`` / ``evaluate`` with their config hashes: engine.rundir.RunDir), and with ``--split valid|test`` ``metrics.json`` +
 ``per_user.npz`` (Recall/NDCG@K of the adapter through the generic evaluator over
@@ -40,6 +45,10 @@ Tiny local variants (CPU; tiny LLaMA built from the catalogue; MiniLM from its w
         --batch-size 8 --micro-batch 2 --epochs 2 --prompt games
     python jobs/finetune.py --backend textrec --data /tmp/demo-data --all --out /tmp/textrec \\
         --strategy local --batch-size 8 --epochs 1 --split test --max-eval-users 50
+    python jobs/semantic_ids.py --data /tmp/demo-data --out /tmp/demo-data/sid --levels 2 --codes 8
+    python jobs/finetune.py --backend tiger --semantic-ids /tmp/demo-data/sid --data /tmp/demo-data --all \\
+        --out /tmp/tiger --strategy ddp --workers 2 --epochs 2 --split test \\
+        --tiger-config '{"d_model": 64, "d_ff": 256, "num_layers": 2, "num_decoder_layers": 2}'
 
 (``dealrec finetune ...`` takes the same arguments.)
 """
@@ -69,16 +78,18 @@ from engine.finetune import BEST_ADAPTER_DIR, FinetuneConfig, copy_tree, read_st
 from engine.llm.bigrec.prompts import PROMPTS
 from engine.metrics import DEFAULT_KS
 from engine.rundir import RunDir, atomic_write_bytes, output_errors
-from jobs.backend_args import add_backend_arguments, backend_record
+from jobs.backend_args import add_backend_arguments, backend_record, tiger_config_fields
 
 __all__ = ["add_arguments", "config_from_args", "fit", "run", "load_examples", "evaluate_adapter",
-           "evaluate_splits", "read_per_user", "check_resume", "BACKEND_DEFAULTS"]
+           "evaluate_splits", "read_per_user", "check_resume", "trained_dir", "trained_dir_name", "BACKEND_DEFAULTS"]
 
 CONFIG_FILE = "finetune_config.json"
 REPORT_FILE = "finetune.json"
 METRICS_FILE = "metrics.json"
 PER_USER_FILE = "per_user.npz"
 ADAPTER_DIR = "adapter"
+#: what a full fine-tune (a ``full_finetune`` backend: tiger) exports instead of adapter/: the whole model
+MODEL_DIR = "model"
 RAY_RUN_NAME = "ray_train"
 LOCAL_CKPT_DIR = "checkpoints"
 #: per backend, the training options a command line leaves unset (BIGRec's paper settings; the
@@ -88,6 +99,10 @@ BACKEND_DEFAULTS = {
                "micro_batch": 4, "max_history": 10, "prompt": "generic", "target_modules": ["q_proj", "v_proj"]},
     "textrec": {"lr": 1e-3, "lr_schedule": "constant", "warmup_steps": 0, "max_grad_norm": 0.0, "batch_size": 32,
                 "micro_batch": None, "max_history": None, "prompt": "games", "target_modules": ["query", "value"]},
+    # TIGER: every parameter of a small T5 trains; AdamW 1e-3 with a short warm-up, whole per-rank
+    # slices (no accumulation needed), the backend keeps its own max_items most recent items
+    "tiger": {"lr": 1e-3, "lr_schedule": "linear", "warmup_steps": 10, "max_grad_norm": 1.0, "batch_size": 32,
+              "micro_batch": None, "max_history": None, "prompt": "generic", "target_modules": ["q_proj", "v_proj"]},
 }
 
 
@@ -131,17 +146,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-failures", type=int, default=3,
                         help="worker-group restarts after a worker or node loss, each from the last epoch "
                              "checkpoint (-1 = unlimited)")
-    parser.add_argument("--lr", type=float, default=None, help="bigrec 1e-4, textrec 1e-3")
+    parser.add_argument("--lr", type=float, default=None, help="bigrec 1e-4, textrec 1e-3, tiger 1e-3")
     parser.add_argument("--lr-schedule", choices=["linear", "constant"], default=None,
-                        help="bigrec linear (warm-up + decay), textrec constant")
-    parser.add_argument("--warmup-steps", type=int, default=None, help="bigrec 20, textrec 0")
+                        help="bigrec and tiger linear (warm-up + decay), textrec constant")
+    parser.add_argument("--warmup-steps", type=int, default=None, help="bigrec 20, textrec 0, tiger 10")
     parser.add_argument("--weight-decay", type=float, default=0.0)
-    parser.add_argument("--max-grad-norm", type=float, default=None, help="bigrec 1.0, textrec 0 (none)")
+    parser.add_argument("--max-grad-norm", type=float, default=None, help="bigrec 1.0, textrec 0 (none), tiger 1.0")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=None,
-                        help="effective batch = micro x accumulation x workers (bigrec 16, textrec 32)")
+                        help="effective batch = micro x accumulation x workers (bigrec 16, textrec and tiger 32)")
     parser.add_argument("--micro-batch", type=int, default=None,
-                        help="bigrec 4; textrec takes the whole per-rank slice (in-batch negatives)")
+                        help="bigrec 4; textrec (in-batch negatives) and tiger take the whole per-rank slice")
     parser.add_argument("--cutoff-len", type=int, default=512)
     parser.add_argument("--max-history", type=int, default=None, help="newest history items kept (bigrec 10, textrec all)")
     parser.add_argument("--patience", type=int, default=2)
@@ -182,12 +197,18 @@ def config_from_args(args) -> FinetuneConfig:
                    "weight_decay": args.weight_decay}
         if args.textrec_model is not None:
             textrec["model"] = str(Path(args.textrec_model).resolve())
+    tiger, semantic_ids = None, None
+    tiger_fields, tiger_problems = tiger_config_fields(args)
+    if args.backend == "tiger":  # validated by FinetuneConfig (fields, the semantic ids against the data)
+        tiger = {"seed": args.seed, "device": "auto", **tiger_fields}
+        semantic_ids = str(Path(args.semantic_ids).resolve()) if args.semantic_ids is not None else None
     llm = llm_config_from_args(argparse.Namespace(**{**vars(args), "target_modules": pick("target_modules")}))
     fields = dict(
         data=str(Path(args.data).resolve()), out=str(Path(args.out).resolve()),
         selected=str(Path(args.selected).resolve()) if args.selected else None, all_samples=bool(args.all),
         backend=args.backend, llm=llm, prompt=pick("prompt") if args.backend == "bigrec" else "generic",
-        cutoff_len=args.cutoff_len, max_history=pick("max_history"), textrec=textrec, strategy=args.strategy,
+        cutoff_len=args.cutoff_len, max_history=pick("max_history"), textrec=textrec, tiger=tiger,
+        semantic_ids=semantic_ids, strategy=args.strategy,
         zero_stage=args.zero, offload=args.offload, workers=args.workers,
         use_gpu={"auto": None, "yes": True, "no": False}[args.gpu], workers_cpu=args.worker_cpus,
         max_failures=args.max_failures, lr=pick("lr"), lr_schedule=pick("lr_schedule"),
@@ -198,6 +219,7 @@ def config_from_args(args) -> FinetuneConfig:
         eval_seed=args.eval_seed, ks=tuple(args.ks), threads=args.threads,
     )
     built, problems = collect_problems([("finetune", lambda: FinetuneConfig(**fields))])
+    problems.extend(tiger_problems)
     cfg = built.get("finetune")
     path_cfg = cfg if cfg is not None else _PathsOnly(fields)
     problems.extend(path_cfg.path_problems())
@@ -392,8 +414,22 @@ def _train_local(cfg: FinetuneConfig, payload: dict, base: str | None, finish, l
 
 
 # ---------------------------------------------------------------- driver
+def trained_dir_name(backend: str) -> str:
+    """The folder in OUT of what a fine-tune of ``backend`` trained: ``adapter`` (the LoRA
+    adapter, peft format), or ``model`` for a backend that trains every parameter (its class
+    attribute ``full_finetune``: tiger, the backend's ``save_model`` format)."""
+    from engine.llm import backend_class
+
+    return MODEL_DIR if getattr(backend_class(backend), "full_finetune", False) else ADAPTER_DIR
+
+
+def trained_dir(cfg: FinetuneConfig) -> Path:
+    """``OUT/adapter`` or ``OUT/model`` of this run (:func:`trained_dir_name`)."""
+    return Path(cfg.out) / trained_dir_name(cfg.backend)
+
+
 #: the outputs of each stage of a fine-tune run folder (deleted when the stage is redone)
-STAGE_OUTPUTS = {"train": [RAY_RUN_NAME, LOCAL_CKPT_DIR, ADAPTER_DIR, REPORT_FILE, CONFIG_FILE],
+STAGE_OUTPUTS = {"train": [RAY_RUN_NAME, LOCAL_CKPT_DIR, ADAPTER_DIR, MODEL_DIR, REPORT_FILE, CONFIG_FILE],
                  "evaluate": [METRICS_FILE, PER_USER_FILE]}
 
 
@@ -426,7 +462,7 @@ def _finished_report(cfg: FinetuneConfig) -> dict | None:
     """The report of a finished training of this config in ``cfg.out`` (None: train)."""
     rd = run_dir(cfg)
     st = rd.manifest["stages"].get("train", {})
-    if not (rd.done("train") and st.get("config_hash") == cfg.fingerprint() and (rd.path(ADAPTER_DIR)).is_dir()):
+    if not (rd.done("train") and st.get("config_hash") == cfg.fingerprint() and trained_dir(cfg).is_dir()):
         return None
     try:
         rep = json.loads(rd.path(REPORT_FILE).read_text())
@@ -478,6 +514,7 @@ def fit(cfg: FinetuneConfig, *, overwrite: bool = False, payload: dict | None = 
         rd = run_dir(cfg)
         with output_errors(cfg.out, option="--out"):
             rd.check(hashes, overwrite=overwrite, recompute=("evaluate",))
+            rd.set(backend=backend_record(cfg.backend, cfg.backend_options()))  # the run folder names its backend
         _write_config(cfg)
         if cfg.threads:
             import torch
@@ -492,9 +529,12 @@ def fit(cfg: FinetuneConfig, *, overwrite: bool = False, payload: dict | None = 
         report = _train_local(cfg, payload, base, finish, log) if cfg.strategy == "local" else \
             _train_ray(cfg, payload, base, finish)
         if report["finished"]:  # an invocation cut short (--max-epochs-this-invocation) resumes on rerun
-            rd.finish("train", report["wall_s"], epochs_done=report["epochs_done"])
+            rd.finish("train", report["wall_s"], epochs_done=report["epochs_done"], backend=cfg.backend,
+                      trained=trained_dir_name(cfg.backend))
     else:
-        run_dir(cfg).check(hashes, overwrite=overwrite, recompute=("evaluate",))
+        rd = run_dir(cfg)
+        rd.check(hashes, overwrite=overwrite, recompute=("evaluate",))
+        rd.set(backend=backend_record(cfg.backend, cfg.backend_options()))
         _write_config(cfg)  # the same training; the evaluation options of this call
     metrics, evaluated = _evaluate_run(cfg)
     return {**report, "metrics": metrics, "trained": trained, "evaluated": evaluated}
@@ -507,16 +547,18 @@ def _write_config(cfg: FinetuneConfig) -> None:
 
 def _finish(cfg: FinetuneConfig, ckpt_dir: Path, *, use_gpu: bool, where: str, base: str | None,
             wall: float) -> dict:
-    """Copy the final checkpoint's best adapter to OUT/adapter and write OUT/finetune.json."""
+    """Copy the final checkpoint's best adapter (or model: :func:`trained_dir`) to OUT/adapter
+    (OUT/model) and write OUT/finetune.json."""
     out = Path(cfg.out)
     state = read_state(ckpt_dir)
-    tmp = out / f".{ADAPTER_DIR}.tmp-{os.getpid()}"
+    name = trained_dir_name(cfg.backend)
+    tmp = out / f".{name}.tmp-{os.getpid()}"
     try:
         with output_errors(out, option="--out"):
             copy_tree(ckpt_dir / BEST_ADAPTER_DIR, tmp)
             if tmp.exists():
-                shutil.rmtree(out / ADAPTER_DIR, ignore_errors=True)
-                os.replace(tmp, out / ADAPTER_DIR)
+                shutil.rmtree(out / name, ignore_errors=True)
+                os.replace(tmp, out / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     hist = state["history"]
@@ -569,7 +611,7 @@ def _evaluate_run(cfg: FinetuneConfig) -> tuple[dict | None, bool]:
         except (OSError, ValueError):
             pass
     t0 = time.perf_counter()
-    metrics = evaluate_adapter(cfg, out / ADAPTER_DIR)
+    metrics = evaluate_adapter(cfg, trained_dir(cfg))
     per_user, user_ids = metrics.pop("per_user"), metrics.pop("user_ids")
     tmp = out / f".{PER_USER_FILE}.tmp-{os.getpid()}.npz"
     with output_errors(out, option="--out"):
@@ -578,7 +620,7 @@ def _evaluate_run(cfg: FinetuneConfig) -> tuple[dict | None, bool]:
     metrics.update(split=cfg.split, eval_fingerprint=fp, config=cfg.to_dict(),
                    backend=backend_record(cfg.backend, cfg.backend_options()))
     _json(f, metrics)
-    rd.finish("evaluate", time.perf_counter() - t0, split=cfg.split, users=metrics.get("users"))
+    rd.finish("evaluate", time.perf_counter() - t0, split=cfg.split, users=metrics.get("users"), backend=cfg.backend)
     return metrics, True
 
 
@@ -667,7 +709,7 @@ def run(args) -> int:
     if rep["metrics"] is not None:
         m = rep["metrics"]
         print(f"{cfg.split}: " + "  ".join(f"{k} {m[k]:.4f}" for k in m if "@" in k) + f"  ({m['users']} users)")
-    print(f"adapter: {Path(cfg.out) / ADAPTER_DIR}  report: {Path(cfg.out) / REPORT_FILE}")
+    print(f"{trained_dir_name(cfg.backend)}: {trained_dir(cfg)}  report: {Path(cfg.out) / REPORT_FILE}")
     return 0
 
 

@@ -9,11 +9,23 @@ the ``--backend`` LLM (:class:`actors.effort.EffortScorer`: ``bigrec``, a causal
 ``--textrec-model``), combines, selects, and writes::
 
     OUT/scores.parquet    sample_id, influence, effort, score, group (+ el2n / grand where the method
-                          needs them or --baseline-scores asks for them)
+                          needs them or --baseline-scores asks for them; + llm_influence where it is
+                          computed: --influence-source llm or --llm-influence)
     OUT/selected.parquet  sample_id
     OUT/fewshot.json      BIGRec Alpaca records of the selected samples
     OUT/manifest.json     full config, versions, per-stage wall times and counts
     OUT/report/           PNGs + index.html
+
+Influence (issue #20): ``--influence-target valid`` replaces the surrogate's g_bar (the mean
+training gradient) by the mean gradient of the validation period's loss (one iHVP still, solved
+once); ``--influence-source llm`` selects on the LLM-side influence instead of the surrogate's:
+each sample's LoRA gradient dotted with u, the mean LoRA gradient of the validation loss, computed
+once in one task (stage ``llm_target``: OUT/llm_target/u.npy) and broadcast to the effort actors,
+which emit ``llm_influence`` beside ``effort`` in the same pass; the surrogate stages are then
+skipped (unless el2n / grand are needed). ``--llm-influence`` adds the column to a surrogate run.
+With the LLM source, the ``influence`` column of scores.parquet holds the LLM-side influence (the
+term selected on and what `dealrec tune` reads), ``llm_influence`` the same values, and
+``surrogate_influence`` the surrogate's where it ran; the manifest records ``influence_source``.
 
 Rerunning with the same config skips finished stages and score shards; a changed config
 is refused unless ``--overwrite`` (then only the changed stages and those after them rerun).
@@ -65,13 +77,17 @@ from engine.llm import BACKENDS
 from engine.llm.bigrec.model import LLMConfig
 from engine.llm.bigrec.prompts import get_prompt_config, make_record, PROMPTS
 from engine.rundir import RunDir, atomic_write_bytes, atomic_write_with, writable_problem
-from engine.selection import METHODS, SelectionConfig, select
+from engine.selection import METHODS, REQUIRED_SCORES, SelectionConfig, select
 from engine.surrogate import SurrogateConfig
 from engine.influence import InfluenceConfig
 from engine.llm.textrec.config import TextRecConfig, default_model_path
-from jobs.backend_args import DEFAULT_BACKEND, add_backend_arguments, backend_record
+from engine.daily import UpdateConfig
+from jobs.backend_args import DEFAULT_BACKEND, TIGER_FLAGS, add_backend_arguments, backend_record, tiger_options
 
 BASELINE_SCORES = ("el2n", "grand")
+#: where the influence term of the selection comes from: the surrogate's iHVP, or the LLM's
+#: gradients dotted with one validation direction u (engine.influence.llm)
+INFLUENCE_SOURCES = ("surrogate", "llm")
 
 
 def surrogate_columns(method: str, extra: tuple[str, ...] = ()) -> tuple[str, ...]:
@@ -96,6 +112,7 @@ STAGE_OUTPUTS = {
     "surrogate": ["surrogate"],
     "ihvp": ["ihvp"],
     "surrogate_scores": ["shards/surrogate"],
+    "llm_target": ["llm_target"],
     "effort": ["shards/effort"],
     "select": ["scores.parquet", "selected.parquet", "fewshot.json"],
     "report": ["report"],
@@ -157,13 +174,21 @@ class PruneJobConfig:
     baseline_scores: tuple[str, ...] = ()
     backend: str = DEFAULT_BACKEND
     textrec: TextRecConfig | None = None  # the textrec backend's config (backend == "textrec")
+    influence_source: str = "surrogate"  # INFLUENCE_SOURCES: the influence term the selection uses
+    llm_influence: bool = False  # compute the llm_influence column also with the surrogate source
+    tiger: dict | None = None  # the tiger backend's options: config + semantic_ids (backend == "tiger")
+    update: str | None = None  # --update RUN0 (jobs/prune_update.py)
+    score_cache: str | None = None  # --score-cache folder (None: no cache)
+    update_cfg: UpdateConfig = field(default_factory=UpdateConfig)
 
     @property
     def backend_options(self) -> dict:
         """The effort backend's keyword options (:func:`engine.llm.get_backend`): bigrec
-        ``llm`` + ``prompt``, textrec ``config``."""
+        ``llm`` + ``prompt``, textrec ``config``, tiger ``config`` + ``semantic_ids``."""
         if self.backend == "textrec":
             return {"config": self.textrec.to_dict()}
+        if self.backend == "tiger":
+            return dict(self.tiger)
         return {"llm": to_dict(self.llm), "prompt": self.prompt}
 
     @property
@@ -173,6 +198,22 @@ class PruneJobConfig:
     @property
     def method(self) -> str:
         return self.selection.method
+
+    def needed_stages(self) -> tuple[bool, bool, bool]:
+        """``(surrogate, effort, llm_influence)``: which scoring passes this run makes.
+
+        The surrogate stages run where the method selects on a surrogate score (with the LLM
+        source: only for el2n / grand); the effort pass where the method needs effort or the
+        LLM-side influence is computed (``--influence-source llm`` for a method that uses
+        influence, or ``--llm-influence``)."""
+        uses_influence = "influence" in REQUIRED_SCORES.get(self.method, ())
+        if self.influence_source == "llm":
+            need_sur = bool(set(self.surrogate_columns) - {"influence"})
+            need_llm = uses_influence or self.llm_influence
+        else:
+            need_sur = self.method in NEEDS_SURROGATE
+            need_llm = self.llm_influence
+        return need_sur, self.method in NEEDS_EFFORT or need_llm, need_llm
 
 
 def add_arguments(p: argparse.ArgumentParser, *, defaults: dict | None = None) -> None:
@@ -229,6 +270,21 @@ def add_arguments(p: argparse.ArgumentParser, *, defaults: dict | None = None) -
                         "difference (two forwards, ~2e-4 relative error)")
     g.add_argument("--hessian-samples", type=int, default=4096,
                    help="samples in the fixed subsampled Hessian of the iHVP (0 = all)")
+    g.add_argument("--influence-target", default=None, choices=("train", "valid"),
+                   help="what the surrogate's influence is measured on: 'train' (default; g_bar = the mean "
+                        "training gradient, DEALRec) or 'valid' (g_bar = the mean gradient of the validation "
+                        "period's loss: each validation user's items after their training sequence, from the "
+                        "data's valid split; still one iHVP). The LLM-side influence always uses 'valid'")
+    g.add_argument("--influence-source", default="surrogate", choices=INFLUENCE_SOURCES,
+                   help="the influence term of the selection: 'surrogate' (default; the iHVP on the surrogate) "
+                        "or 'llm' (each sample's LoRA gradient . u, u = the mean LoRA gradient of the validation "
+                        "loss at the pretrained LLM; computed in the effort pass, the surrogate is skipped)")
+    g.add_argument("--llm-influence", action="store_true",
+                   help="also compute the llm_influence column with --influence-source surrogate (the effort "
+                        "pass then takes ~2-3x as long: one more forward and a double backward per micro-batch)")
+    g.add_argument("--influence-valid-users", type=int, default=0,
+                   help="validation target (--influence-target valid, the LLM-side influence): a seeded random "
+                        "subset of this many validation users (0 = all)")
     g = p.add_argument_group("LLM (effort)")
     add_backend_arguments(g)
     g.add_argument("--llm", default="tiny", help="--backend bigrec: 'tiny' (offline, built from a config), 'smollm2' (SmolLM2-135M-Instruct from the "
@@ -239,6 +295,9 @@ def add_arguments(p: argparse.ArgumentParser, *, defaults: dict | None = None) -
     g.add_argument("--prompt", default=d["prompt"], help=f"prompt preset: {', '.join(sorted(PROMPTS))} (the BIGRec "
                    "prompt and fewshot.json; with --backend textrec, the wording of the user text)")
     g.add_argument("--cutoff-len", type=int, default=512, help="max tokens per prompt")
+    from jobs.prune_update import add_update_arguments
+
+    add_update_arguments(p)
     g = p.add_argument_group("scale")
     for f in ScaleConfig.__dataclass_fields__.values():
         if isinstance(f.default, bool):
@@ -266,6 +325,12 @@ def config_from_args(args: argparse.Namespace) -> PruneJobConfig:
     inf_kw = {"solver": args.solver, "damping": args.damping, "max_iter": args.ihvp_max_iter,
               "hessian_samples": args.hessian_samples or None, "method": args.influence_method,
               "batch_size": args.ihvp_batch_size}
+    source = getattr(args, "influence_source", "surrogate")
+    # the surrogate's target (the LLM-side influence is always measured on the validation period);
+    # target_users bounds the validation users of both
+    target_users = getattr(args, "influence_valid_users", 0)
+    inf_kw.update(target=getattr(args, "influence_target", None) or "train",
+                  target_users=target_users if isinstance(target_users, int) and target_users > 0 else None)
     llm_kw = {"model": args.llm, "adapter": args.adapter, "seed": args.seed,
               "cache_dir": str(Path(args.llm_cache).resolve())}
     builders = [
@@ -283,6 +348,8 @@ def config_from_args(args: argparse.Namespace) -> PruneJobConfig:
         builders.append(("textrec", lambda: TextRecConfig(
             model=str(Path(textrec_model).resolve()) if textrec_model else default_model_path(),
             prompt=args.prompt, seed=args.seed, device="auto")))
+    if backend == "tiger" or any(getattr(args, d, None) is not None for d in TIGER_FLAGS):  # effort at the seeded
+        builders.append(("tiger", lambda: _tiger(args)))  # (or --tiger-checkpoint) TIGER, in eval mode
     built, problems = collect_problems(builders)
     if backend not in BACKENDS:
         problems.append(f"backend={backend!r}: expected one of {sorted(BACKENDS)}")
@@ -306,10 +373,27 @@ def config_from_args(args: argparse.Namespace) -> PruneJobConfig:
     if args.influence_compile and args.surrogate_loss != "sampled":
         problems.append(f"influence_compile: needs --surrogate-loss sampled (got {args.surrogate_loss!r}: the full "
                         "softmax gathers positions by data-dependent shapes and does not compile as one graph)")
+    if source == "llm" and getattr(args, "influence_target", None) == "train":
+        problems.append("influence_target: the LLM-side influence (--influence-source llm) is measured on the "
+                        "validation period only; drop --influence-target train (or use --influence-source surrogate)")
+    if not (isinstance(target_users, int) and target_users >= 0):
+        problems.append(f"influence_valid_users={target_users!r}: must be an int >= 0 (0 = all validation users)")
+    from jobs.prune_update import update_config_from_args
+
+    daily, daily_problems = update_config_from_args(args)  # --update, --score-cache, --update-*
+    problems += daily_problems
     raise_if(problems, config="prune job")
-    return PruneJobConfig(data=str(Path(args.data).resolve()), out=str(Path(args.out).resolve()),
+    return PruneJobConfig(**daily, data=str(Path(args.data).resolve()), out=str(Path(args.out).resolve()),
                           overwrite=args.overwrite, baseline_scores=tuple(sorted(set(args.baseline_scores or ()))),
-                          backend=backend, **built)
+                          backend=backend, influence_source=source,
+                          llm_influence=bool(getattr(args, "llm_influence", False)), **built)
+
+
+def _tiger(args: argparse.Namespace) -> dict | None:
+    """--backend tiger's options (jobs.backend_args.tiger_options), or every problem with them."""
+    opts, problems = tiger_options(args, args.data, defaults={"seed": args.seed, "device": "auto"})
+    raise_if(problems, config="tiger")
+    return opts
 
 
 def _apply_best_config(args: argparse.Namespace) -> None:
@@ -342,17 +426,32 @@ def _data_fingerprint(data: Path) -> str:
     return stable_hash({"meta": read_meta(data), "files": [(f.name, f.stat().st_size) for f in files]})
 
 
-def stage_hashes(cfg: PruneJobConfig, fingerprint: str) -> dict[str, str]:
-    """Per-stage config hashes; each includes the hashes of the stages it reads from."""
+def stage_hashes(cfg: PruneJobConfig, fingerprint: str, *, update: dict | None = None) -> dict[str, str]:
+    """Per-stage config hashes; each includes the hashes of the stages it reads from (``update``:
+    an update run's RUN0 and warm-start settings, in the surrogate's hash and so downstream)."""
     h: dict[str, str] = {}
-    h["surrogate"] = stable_hash({"data": fingerprint, "surrogate": cfg.surrogate})
-    h["ihvp"] = stable_hash({"up": h["surrogate"], "influence": cfg.influence})
+    h["surrogate"] = stable_hash({"data": fingerprint, "surrogate": cfg.surrogate,
+                                  **({"update": update} if update else {})})
+    # the influence target is in the iHVP's config (resume refuses a changed target); the default
+    # 'train' hashes as before it existed
+    h["ihvp"] = stable_hash({"up": h["surrogate"], "influence": cfg.influence.hash_dict()})
     h["surrogate_scores"] = stable_hash({"up": h["ihvp"], "columns": cfg.surrogate_columns})
     if cfg.backend == DEFAULT_BACKEND:  # bigrec's options are llm + prompt: the hash of earlier run folders
         h["effort"] = stable_hash({"data": fingerprint, "llm": cfg.llm, "prompt": cfg.prompt})
     else:
-        h["effort"] = stable_hash({"data": fingerprint, "backend": cfg.backend, "options": cfg.backend_options})
-    h["select"] = stable_hash({"up": [h["surrogate_scores"], h["effort"]], "selection": cfg.selection})
+        h["effort"] = stable_hash({"data": fingerprint, "backend": cfg.backend, "options": cfg.backend_options,
+                                   # per-sample randomness seeded by the sample key (actors/content_effort.py)
+                                   "ids": "sample_key"})
+    # u of the LLM-side influence: the same model as effort, the validation users
+    if cfg.needed_stages()[2]:  # effort emits llm_influence too: its shards hold another column
+        # (a stage only in the runs that make it: the manifest lists the stages a run has)
+        h["llm_target"] = stable_hash({"model": h["effort"], "target": "valid",
+                                       "target_users": cfg.influence.target_users, "seed": cfg.influence.seed})
+        h["effort"] = stable_hash({"up": h["effort"], "llm_influence": h["llm_target"]})
+    up = {"up": [h["surrogate_scores"], h["effort"]], "selection": cfg.selection}
+    if cfg.influence_source != "surrogate":
+        up["influence_source"] = cfg.influence_source
+    h["select"] = stable_hash(up)
     h["report"] = stable_hash({"up": h["select"]})
     return h
 
@@ -408,19 +507,38 @@ def run_prune(cfg: PruneJobConfig, *, log=print) -> dict:
     n_samples = check_samples(data, n_items=n_items)
     cfg.selection.validate(n_samples)  # budget vs data, before any work
     method = cfg.method
-    need_sur = method in NEEDS_SURROGATE
-    need_eff = method in NEEDS_EFFORT
+    need_sur, need_eff, need_llm = cfg.needed_stages()
+    # the validation users of a validation target, read and checked before anything is written
+    target_rows = None
+    if (need_sur and cfg.influence.target == "valid") or need_llm:
+        from engine.influence import read_target_rows
+
+        target_rows = read_target_rows(
+            data, max_rows=cfg.influence.target_users, seed=cfg.influence.seed, n_items=n_items,
+            needed_by=("--influence-target valid" if not need_llm else "the LLM-side influence ("
+                       + ("--influence-source llm" if cfg.influence_source == "llm" else "--llm-influence") + ")"),
+            hint=(" (or use --influence-target train)" if not need_llm else
+                  " (or use --influence-source surrogate" + (" without --llm-influence" if cfg.llm_influence else "")
+                  + (" and --influence-target train)" if cfg.influence.target == "valid" else ")")))
     valid = None
     if need_sur and cfg.surrogate.distributed != "ray_train":
         # streamed: a seeded subset of validation users (the samples stream one file at a time)
         from jobs.surrogate_train import early_stopping_split
 
         valid = early_stopping_split(data, cfg.surrogate, n_items)
+    from jobs import prune_update as daily
+
+    # keys of every sample; with --update, RUN0 checked (catalogue, surrogate architecture) and the
+    # diff against it: reads only, so a refused update writes nothing
+    day = daily.prepare_day(cfg, files, items, n_items=n_items, need_sur=need_sur, log=log)
     run = RunDir(out, STAGE_OUTPUTS)
-    hashes = stage_hashes(cfg, _data_fingerprint(data))
+    hashes = stage_hashes(cfg, _data_fingerprint(data), update=day.stage_hash_extra())
     done = run.check(hashes, overwrite=cfg.overwrite)
     run.set(job="prune", config=to_dict(cfg), versions=versions(), data_meta=meta.get("counts", {}),
-            backend=backend_record(cfg.backend, cfg.backend_options))
+            backend=backend_record(cfg.backend, cfg.backend_options), influence_source=cfg.influence_source,
+            influence_target={"surrogate": cfg.influence.target if need_sur else None,
+                              "llm": "valid" if need_llm else None})
+    day.record(run)  # sample_keys.parquet, catalogue, score cache, update counts
     if done:
         log(f"[prune] resuming {out}: stages already done: {done}")
     ray = _init_ray(cfg.scale.address or None)
@@ -429,7 +547,10 @@ def run_prune(cfg: PruneJobConfig, *, log=print) -> dict:
     if need_sur and not run.done("surrogate"):
         t0 = time.perf_counter()
         run.path("surrogate").mkdir(exist_ok=True)
-        if cfg.surrogate.distributed == "ray_train":
+        upd: dict = {}
+        if day.run0 is not None:  # warm start from RUN0's checkpoint (or frozen), on the driver
+            model, history, upd = day.train_surrogate(run, n_items, valid, log=log)
+        elif cfg.surrogate.distributed == "ray_train":
             from jobs.surrogate_train import train_surrogate_ray
 
             log(f"[surrogate] training {cfg.surrogate.model} on Ray Train, {cfg.surrogate.num_workers} workers")
@@ -440,7 +561,8 @@ def run_prune(cfg: PruneJobConfig, *, log=print) -> dict:
                 f"{n_items} items, {0 if valid is None else valid.num_rows} validation users")
             model, history = sur.train_surrogate(sample_loaders(data), n_items, cfg.surrogate, valid=valid, log=log)
         sur.save_surrogate(model, cfg.surrogate, run.path("surrogate"))
-        run.finish("surrogate", time.perf_counter() - t0, history=history)
+        run.finish("surrogate", time.perf_counter() - t0, history=history, **({"update": upd} if upd else {}))
+        day.note(run, "surrogate", **upd)
 
     # 2. v = (H + dI)^-1 g_bar, once, on the driver --------------------------------------
     if need_sur and not run.done("ihvp"):
@@ -448,10 +570,18 @@ def run_prune(cfg: PruneJobConfig, *, log=print) -> dict:
         with resume_artifact(run.path("surrogate")):
             model = sur.load_surrogate(run.path("surrogate"))
         # streamed one sample file at a time: the driver never holds every sample here
-        report = inf.compute_ihvp_streaming(
-            model, lambda: (read_parquet_checked(f, SAMPLES_SCHEMA) for f in files), cfg.influence, log=log)
         run.path("ihvp").mkdir(exist_ok=True)
-        atomic_write_bytes(run.path("ihvp") / "v.npy", _npy_bytes(report.pop("v")))
+        if day.frozen:  # --update-influence changed: RUN0's v
+            report = day.reuse_ihvp(run)
+        else:
+            report = inf.compute_ihvp_streaming(
+                model, lambda: (read_parquet_checked(f, SAMPLES_SCHEMA) for f in files), cfg.influence,
+                target_rows=target_rows if cfg.influence.target == "valid" else None, log=log,
+                solve_options=day.solve_options())  # an update: CG from RUN0's v
+            atomic_write_bytes(run.path("ihvp") / "v.npy", _npy_bytes(report.pop("v")))
+            if day.run0 is not None:
+                report["update"] = day.ihvp_info(report)
+                day.note(run, "ihvp", **report["update"])
         run.finish("ihvp", time.perf_counter() - t0, **report)
 
     # 3. influence + GraNd + EL2N for every sample, streamed by an actor pool ----------
@@ -466,43 +596,95 @@ def run_prune(cfg: PruneJobConfig, *, log=print) -> dict:
         n = n_samples
         pool = plan_stage_pool(ray, cfg, "influence", len(files))
         log(f"[influence] pool: {pool.describe()}")
-        st = score_shards_stage(
-            ray, files, run.path("shards/surrogate"), SurrogateScorer,
-            constructor_args=(state_ref, v_ref),
-            constructor_kwargs={"n_train": n, "batch_size": cfg.scale.influence_micro_batch,
-                                "what": cfg.surrogate_columns, "method": cfg.influence.method,
-                                "compile": cfg.scale.influence_compile},
-            output_columns=("sample_id", *cfg.surrogate_columns),
-            batch_size=cfg.scale.influence_batch_size, pool=pool, cfg=cfg, log=log, name="influence",
-        )
+
+        def score_influence(todo, out_dir):
+            return score_shards_stage(
+                ray, todo, out_dir, SurrogateScorer,
+                constructor_args=(state_ref, v_ref),
+                constructor_kwargs={"n_train": n, "batch_size": cfg.scale.influence_micro_batch,
+                                    "what": cfg.surrogate_columns, "method": cfg.influence.method,
+                                    "compile": cfg.scale.influence_compile},
+                output_columns=("sample_id", *cfg.surrogate_columns),
+                batch_size=cfg.scale.influence_batch_size, pool=pool, cfg=cfg, log=log, name="influence",
+            )
+
+        if day.frozen:  # only the samples RUN0 did not score; unchanged ones reuse RUN0's by key
+            st = daily.influence_changed_stage(day, run, files, columns=cfg.surrogate_columns,
+                                               score=score_influence, log=log)
+        else:
+            st = score_influence(files, run.path("shards/surrogate"))
+            day.note(run, "surrogate_scores", reused=0, recomputed=n_samples,
+                     why="the surrogate and v changed (--update-influence all): every sample rescored")
         run.finish("surrogate_scores", time.perf_counter() - t0, **st)
 
     # 4. effort for every sample, streamed by LoRA LLM replicas -------------------------
-    if need_eff and not run.done("effort"):
-        from actors.effort import EffortScorer
+    llm_state: dict = {}
+
+    def llm_backend() -> tuple[dict, dict, object]:
+        """(backend options, manifest info, titles ref) of the effort actors, made once."""
+        if not llm_state:
+            titles = items.column("title").to_pylist()
+            # LoRA dropout is off while scoring: the effort engine runs in eval mode
+            options, info = cfg.backend_options, {}
+            if cfg.backend == "bigrec":  # build the tiny base once on the driver so actors only load it
+                from engine.llm.bigrec.model import resolve_base
+
+                info["llm_base"] = base = resolve_base(cfg.llm, titles)
+                if cfg.llm.model == "tiny":
+                    options = {**options, "llm": {**options["llm"], "model": base}}
+            elif cfg.backend == "textrec":
+                info["encoder"] = cfg.textrec.model
+            llm_state.update(options=options, info=info, titles=ray.put(titles))
+        return llm_state["options"], llm_state["info"], llm_state["titles"]
+
+    # 4a. u of the LLM-side influence: once, in one task with an effort actor's resources
+    if need_llm and not run.done("llm_target"):
+        from actors.effort import llm_valid_direction
+        from engine.influence.llm import validation_pairs
 
         t0 = time.perf_counter()
-        titles = items.column("title").to_pylist()
-        pool = plan_stage_pool(ray, cfg, "effort", len(files))
-        log(f"[effort] {cfg.backend} backend, pool: {pool.describe()}")
-        # LoRA dropout is off while scoring: the effort engine runs in eval mode
-        options, info = cfg.backend_options, {}
-        if cfg.backend == "bigrec":  # build the tiny base once on the driver so actors only load it
-            from engine.llm.bigrec.model import resolve_base
+        options, info, titles_ref = llm_backend()
+        pairs = validation_pairs(target_rows, id_offset=n_samples)
+        pool = plan_stage_pool(ray, cfg, "effort", 1)
+        log(f"[llm_target] u = mean {cfg.backend} gradient of the validation loss: {pairs['n_users']} users, "
+            f"{len(pairs['target'])} (history, item) pairs, one task ({pool.cpus:g} CPU, {pool.gpus:g} GPU)")
+        task = ray.remote(num_cpus=pool.cpus, num_gpus=pool.gpus, max_retries=cfg.scale.max_restarts)(
+            llm_valid_direction)
+        u = np.asarray(ray.get(task.remote(cfg.backend, options, titles_ref, ray.put(pairs),
+                                           micro_batch_size=cfg.scale.effort_micro_batch)), dtype=np.float64)
+        if not np.isfinite(u).all():
+            raise DataError("the mean LLM gradient of the validation loss holds NaN/inf", field="llm_target")
+        run.path("llm_target").mkdir(exist_ok=True)
+        atomic_write_bytes(run.path("llm_target") / "u.npy", _npy_bytes(u))
+        run.finish("llm_target", time.perf_counter() - t0, backend=cfg.backend, target="valid",
+                   n_target_users=int(pairs["n_users"]), n_target_pairs=int(len(pairs["target"])),
+                   n_params=int(u.size), u_norm=float(np.linalg.norm(u)))
 
-            info["llm_base"] = base = resolve_base(cfg.llm, titles)
-            if cfg.llm.model == "tiny":
-                options = {**options, "llm": {**options["llm"], "model": base}}
-        else:
-            info["encoder"] = cfg.textrec.model
-        st = score_shards_stage(
-            ray, files, run.path("shards/effort"), EffortScorer,
-            constructor_args=(cfg.backend, options, ray.put(titles)),
-            constructor_kwargs={"micro_batch_size": cfg.scale.effort_micro_batch},
-            output_columns=("sample_id", "effort"),
-            batch_size=cfg.scale.effort_batch_size, pool=pool, cfg=cfg, log=log, name="effort",
-        )
-        run.finish("effort", time.perf_counter() - t0, backend=cfg.backend, **info, **st)
+    if need_eff and not run.done("effort"):
+        from actors.content_effort import INPUT_COLUMNS, ContentSeededEffortScorer
+
+        t0 = time.perf_counter()
+        pool = plan_stage_pool(ray, cfg, "effort", len(files))
+        log(f"[effort] {cfg.backend} backend{' + llm_influence' if need_llm else ''}, pool: {pool.describe()}")
+        options, info, titles_ref = llm_backend()
+        kwargs: dict = {"micro_batch_size": cfg.scale.effort_micro_batch}
+        if need_llm:
+            with resume_artifact(run.path("llm_target")):
+                kwargs["u_ref"] = ray.put(np.load(run.path("llm_target") / "u.npy", allow_pickle=False))
+
+        def score_effort(todo, out_dir):
+            return score_shards_stage(
+                ray, todo, out_dir, ContentSeededEffortScorer,  # randomness keyed by content, not by row
+                constructor_args=(cfg.backend, options, titles_ref),
+                constructor_kwargs=kwargs, input_columns=INPUT_COLUMNS,
+                output_columns=("sample_id", "effort", *(("llm_influence",) if need_llm else ())),
+                batch_size=cfg.scale.effort_batch_size, pool=pool, cfg=cfg, log=log, name="effort",
+            )
+
+        # only the samples missing from the effort score cache (jobs/prune_update.py)
+        st = daily.effort_stage(day, run, files, backend=cfg.backend, options=options, base=info.get("llm_base"),
+                                pool=pool, score=score_effort, log=log, cacheable=not need_llm)
+        run.finish("effort", time.perf_counter() - t0, backend=cfg.backend, llm_influence=need_llm, **info, **st)
 
     # 5. combine + select + outputs ------------------------------------------------------
     if not run.done("select"):
@@ -515,6 +697,8 @@ def run_prune(cfg: PruneJobConfig, *, log=print) -> dict:
         t0 = time.perf_counter()
         index = write_run_report(cfg, run, items)
         run.finish("report", time.perf_counter() - t0, index=str(index))
+    if day.run0 is not None:
+        run.set(update=daily.summary(day, run))
     run.set(total_wall_s_last_invocation=round(time.perf_counter() - t_job, 3),
             stage_wall_s={s: run.manifest["stages"][s].get("wall_s") for s in STAGE_OUTPUTS
                           if run.manifest["stages"].get(s, {}).get("done")})
@@ -534,7 +718,7 @@ def resume_artifact(path: Path):
 
 
 def score_shards_stage(ray, files, out_dir, scorer, *, constructor_args, constructor_kwargs, output_columns,
-                       batch_size, pool, cfg, log, name) -> dict:
+                       batch_size, pool, cfg, log, name, input_columns=("sample_id", "history", "target")) -> dict:
     from actors.shards import score_shards
 
     knobs = (f"--{name}-cpus {pool.cpus:g} / --{name}-actors / --{name}-max-actors"
@@ -542,6 +726,7 @@ def score_shards_stage(ray, files, out_dir, scorer, *, constructor_args, constru
              + f", --stall-timeout-s {cfg.scale.stall_timeout_s:g}")
     st = score_shards(files, out_dir, scorer, constructor_args=constructor_args,
                       constructor_kwargs=constructor_kwargs, output_columns=output_columns,
+                      input_columns=input_columns,
                       batch_size=batch_size, num_actors=pool.initial, min_actors=pool.min_size,
                       max_actors=pool.max_size, num_cpus=pool.cpus, num_gpus=pool.gpus,
                       max_restarts=cfg.scale.max_restarts, max_task_retries=cfg.scale.max_task_retries,
@@ -585,6 +770,11 @@ def load_scores(run: RunDir, files, n: int) -> dict[str, np.ndarray]:
 def select_and_write(cfg: PruneJobConfig, run: RunDir, files, items: pa.Table, *, log=print) -> dict:
     n = int(sum(pq.read_metadata(f).num_rows for f in files))
     scores = load_scores(run, files, n)
+    if cfg.influence_source == "llm":  # the influence term is the LLM-side one (tune reads 'influence')
+        if "influence" in scores:
+            scores["surrogate_influence"] = scores.pop("influence")
+        if "llm_influence" in scores:
+            scores["influence"] = scores["llm_influence"]
     res = select(cfg.method, scores, cfg.selection, n=n)
     table = {"sample_id": np.arange(n, dtype=np.int64)}
     table.update({k: v for k, v in scores.items()})
@@ -614,6 +804,7 @@ def select_and_write(cfg: PruneJobConfig, run: RunDir, files, items: pa.Table, *
     assert len(records) == len(sel)
     atomic_write_bytes(run.path("fewshot.json"), json.dumps(records, indent=1, ensure_ascii=False).encode())
     stats = {"n_samples": n, "n_selected": int(len(res.indices)), "method": cfg.method,
+             "influence_source": cfg.influence_source,
              "strata": res.stats.to_dict() if res.stats is not None else None}
     log(f"[select] {cfg.method}: {len(res.indices)} of {n} samples selected")
     return stats
@@ -633,7 +824,8 @@ def write_run_report(cfg: PruneJobConfig, run: RunDir, items: pa.Table) -> Path:
     pop = np.bincount(targets, minlength=items.num_rows)
     stats = run.manifest["stages"]["select"].get("strata")
     return write_report(run.root, scores=scores, selected=selected, stats=stats, item_popularity_full=pop,
-                        targets=targets, title=f"dealrec prune: {cfg.method} on {Path(cfg.data).name}",
+                        targets=targets, title=f"dealrec prune: {cfg.method} on {Path(cfg.data).name}"
+                                               + (" (influence: LLM-side)" if cfg.influence_source == "llm" else ""),
                         config=to_dict(cfg))
 
 

@@ -11,7 +11,7 @@ same users for every trial):
 - ``ndcg@20`` / ``recall@20`` (the trial metric by default): the generic evaluator over
   ``backend.rank_items`` (:func:`engine.evaluate.evaluate_backend`; BIGRec generates and
   grounds, its title embeddings computed once on the driver and cached on disk; textrec ranks
-  by cosine over the whole catalogue);
+  by cosine over the whole catalogue; TIGER by beam search constrained to catalogue tuples);
 - ``val_loss``: the backend's per-sample loss on (valid history -> first valid item), cheaper,
   and the better signal for a model too small to recommend anything (``--metric val_loss``).
 
@@ -65,7 +65,7 @@ from engine.errors import ConfigError, DataError, check
 from engine.rundir import RunDir, atomic_write_bytes, atomic_write_with, read_json, writable_problem
 from engine.scores import read_scores
 from engine.selection import METHODS, REQUIRED_SCORES, SelectionConfig
-from jobs.backend_args import add_backend_arguments, backend_record
+from jobs.backend_args import TIGER_FLAGS, add_backend_arguments, backend_record
 
 RESULTS_FILE = "tune_results.parquet"
 BEST_FILE = "best_config.json"
@@ -135,6 +135,9 @@ def finetune_config(args, data: str, out: str):
             "yes" if args.trial_gpus > 0 else "no"]
     if args.textrec_model is not None:
         argv += ["--textrec-model", args.textrec_model]
+    for dest, flag in TIGER_FLAGS.items():  # --semantic-ids, --tiger-checkpoint, --tiger-config
+        if getattr(args, dest, None) is not None:
+            argv += [flag, str(getattr(args, dest))]
     for name in FT_OPTIONS:
         v = getattr(args, name, None)
         if v is not None:

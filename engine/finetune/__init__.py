@@ -1,4 +1,4 @@
-"""Few-shot LoRA fine-tuning of any LLM backend: ONE loop, local or on data-parallel ranks (no Ray here).
+"""Few-shot fine-tuning (LoRA, or every parameter for TIGER) of any LLM backend: ONE loop, local or on data-parallel ranks (no Ray here).
 
 The loop (:func:`train`) touches the model only through the backend protocol
 (:class:`engine.llm.protocol.LLMBackend`: ``build_model``, ``encode_train``, ``train_loss``,
@@ -14,10 +14,12 @@ Layout:
   engine, the LR schedule, :func:`deepspeed_config`
 - :mod:`engine.finetune.loop`     -- :func:`train`, :func:`run_epoch`, the validation loss, the
   resumable state (epoch checkpoints, early stopping)
-- :mod:`engine.finetune.adapter`  -- LoRA checksum, export and load, any backend (ZeRO-3 aware)
+- :mod:`engine.finetune.adapter`  -- what a run trains: the LoRA adapter (checksum, export, load), or
+  the whole model of a ``full_finetune`` backend (TIGER, through its ``save_model``); ZeRO-3 aware
 """
 
-from engine.finetune.adapter import export_adapter, load_adapter, lora_checksum, peft_module
+from engine.finetune.adapter import (export_adapter, export_trained, full_finetune, load_adapter, lora_checksum,
+                                     peft_module, trained_checksum)
 from engine.finetune.config import EVAL_FIELDS, RESUME_FREE_FIELDS, STRATEGIES, FinetuneConfig
 from engine.finetune.loop import (
     BEST_ADAPTER_DIR,
@@ -65,6 +67,9 @@ __all__ = [
     "mean_loss",
     "lora_checksum",
     "export_adapter",
+    "trained_checksum",
+    "export_trained",
+    "full_finetune",
     "load_adapter",
     "STATE_FILE",
     "BEST_ADAPTER_DIR",

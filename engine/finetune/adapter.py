@@ -1,4 +1,11 @@
-"""The LoRA adapter of a fine-tuned model, any backend: checksum, export, load (ZeRO-3 aware)."""
+"""What a fine-tune trains and exports, any backend: checksum, export, load (ZeRO-3 aware).
+
+A LoRA backend (bigrec, textrec) trains and exports its peft adapter (:func:`lora_checksum`,
+:func:`export_adapter`, :func:`load_adapter`). A backend that trains every parameter sets the
+class attribute ``full_finetune = True`` and has ``save_model(model, folder)`` (TIGER): its
+fine-tune exports the whole model through that method and fingerprints every trainable
+parameter. :func:`trained_checksum` and :func:`export_trained` pick the one of the backend.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +19,8 @@ from torch import nn
 
 from engine.errors import DataError
 
-__all__ = ["peft_module", "lora_checksum", "export_adapter", "load_adapter"]
+__all__ = ["peft_module", "lora_checksum", "export_adapter", "load_adapter", "full_finetune", "unwrap",
+           "trained_params", "trained_checksum", "export_trained"]
 
 
 def peft_module(model: nn.Module) -> nn.Module:
@@ -60,7 +68,27 @@ def lora_checksum(model, *, zero3: bool = False) -> dict:
         model: the model (peft model or one holding it; wrappers are removed).
         zero3: gather ZeRO-3 partitions first (collective: every rank must call).
     """
-    named = _lora_params(model)
+    return _checksum(_lora_params(model), zero3)
+
+
+def full_finetune(backend) -> bool:
+    """Whether ``backend`` trains (and exports) its whole model rather than a LoRA adapter."""
+    return bool(getattr(backend, "full_finetune", False))
+
+
+def unwrap(model) -> nn.Module:
+    """``model`` without its DDP / DeepSpeed wrapper."""
+    return getattr(model, "module", model)
+
+
+def trained_params(model, *, full: bool) -> list[tuple[str, torch.nn.Parameter]]:
+    """The parameters a fine-tune trains: every trainable one (``full``) or the LoRA ones, by name."""
+    if full:
+        return [(n, p) for n, p in unwrap(model).named_parameters() if p.requires_grad]
+    return _lora_params(model)
+
+
+def _checksum(named, zero3: bool) -> dict:
     h = hashlib.sha256()
     total = 0.0
     with _gathered([p for _, p in named], zero3):
@@ -70,6 +98,28 @@ def lora_checksum(model, *, zero3: bool = False) -> dict:
             h.update(t.numpy().tobytes())
             total += float(t.double().sum())
     return {"sum": total, "sha256": h.hexdigest()[:16]}
+
+
+def trained_checksum(backend, model, *, zero3: bool = False) -> dict:
+    """:func:`lora_checksum`, or for a full fine-tune the same fingerprint over every trainable
+    parameter (collective with ``zero3``)."""
+    if not full_finetune(backend):
+        return lora_checksum(model, zero3=zero3)
+    return _checksum(trained_params(model, full=True), zero3)
+
+
+def export_trained(backend, model, path: Path, *, rank: int, zero3: bool = False) -> None:
+    """Write what the fine-tune trained into ``path`` (replaced) from rank 0: the peft adapter
+    (:func:`export_adapter`), or for a full fine-tune the whole model through
+    ``backend.save_model(model, path)`` (ZeRO-3 partitions gathered first; every rank must call)."""
+    if not full_finetune(backend):
+        return export_adapter(model, path, rank=rank, zero3=zero3)
+    with _gathered([p for _, p in trained_params(model, full=True)], zero3):
+        if rank == 0:
+            path = Path(path)
+            if path.exists():
+                shutil.rmtree(path)
+            backend.save_model(unwrap(model), path)
 
 
 def export_adapter(model, path: Path, *, rank: int, zero3: bool = False) -> None:

@@ -20,7 +20,10 @@ SPLITS = ("none", "valid", "test")
 # Fields that may change between a run and its resume without invalidating the checkpoint.
 RESUME_FREE_FIELDS = ("stop_after_epochs", "workers_cpu", "out", "use_gpu", "max_failures", "threads")
 # Backends whose get_backend options FinetuneConfig builds (backend_options), and the fields they use.
-OPTIONS_OF = {"bigrec": ("llm", "prompt", "cutoff_len"), "textrec": ("textrec",)}
+OPTIONS_OF = {"bigrec": ("llm", "prompt", "cutoff_len"), "textrec": ("textrec",), "tiger": ("tiger", "semantic_ids")}
+# Fields of one backend only, left out of to_dict() (and so of the fingerprint) while unset, so
+# that the configs and run fingerprints of the other backends are those they had before TIGER.
+OMITTED_WHEN_NONE = ("tiger", "semantic_ids")
 # Fields of the evaluation after training: a change re-evaluates the trained adapter, never retrains it.
 EVAL_FIELDS = ("split", "max_eval_users", "eval_seed", "ks")
 
@@ -33,7 +36,8 @@ def _is_int(v) -> bool:
 
 @dataclass
 class FinetuneConfig:
-    """Few-shot LoRA fine-tune of an LLM backend (validated as a whole in ``__post_init__``).
+    """Few-shot fine-tune of an LLM backend (validated as a whole in ``__post_init__``): its LoRA,
+    or every parameter of a ``full_finetune`` backend (TIGER).
 
     The effective batch is ``micro_batch * accumulation * world`` (world = ``workers``, 1 for
     ``strategy="local"``); the accumulation is derived and must divide exactly. A backend whose
@@ -53,6 +57,9 @@ class FinetuneConfig:
     cutoff_len: int = field(default=512, metadata={"help": "bigrec: max tokens per sample (BIGRec: 512)"})
     max_history: int | None = field(default=10, metadata={"help": "newest history items kept per sample (None: all; BIGRec data: 10)"})
     textrec: dict | None = field(default=None, metadata={"help": "textrec: encoder + LoRA (TextRecConfig fields)"})
+    tiger: dict | None = field(default=None, metadata={"help": "tiger: the T5 model (TigerConfig fields)"})
+    semantic_ids: str | None = field(default=None, metadata={
+        "help": "tiger: the semantic-ID folder written by `dealrec semantic-ids` (--semantic-ids)"})
     strategy: str = field(default="deepspeed", metadata={"help": "local (in process, no Ray) | ddp | deepspeed"})
     zero_stage: int = field(default=2, metadata={"help": "DeepSpeed ZeRO stage 0-3"})
     offload: bool = field(default=False, metadata={"help": "ZeRO CPU offload of optimizer (and params at stage 3)"})
@@ -98,6 +105,21 @@ class FinetuneConfig:
             if "textrec" in built:
                 self.textrec = built["textrec"].to_dict()
             p.extend(problems)
+        if self.backend == "tiger":
+            from engine.llm.tiger import TigerConfig
+
+            try:
+                self.tiger = TigerConfig.from_dict(self.tiger or {}).to_dict()
+            except ConfigError as e:  # named by the job option each field comes from
+                p.extend(f"tiger ({'--tiger-checkpoint' if x.startswith('checkpoint=') else '--tiger-config'}): {x}"
+                         for x in e.problems)
+            check(p, isinstance(self.semantic_ids, str) and self.semantic_ids != "",
+                  "semantic_ids: backend 'tiger' needs the folder written by `dealrec semantic-ids --data DATA "
+                  "--out DIR` (--semantic-ids DIR)")
+        else:
+            check(p, self.tiger is None and self.semantic_ids is None,
+                  f"tiger options (tiger, semantic_ids) given for backend={self.backend!r}; pass backend='tiger' "
+                  "or drop them")
         check(p, self.backend in BACKENDS, f"backend={self.backend!r}: expected one of {sorted(BACKENDS)}")
         check(p, self.backend not in BACKENDS or self.backend in OPTIONS_OF,
               f"backend={self.backend!r}: the fine-tune builds the options of {sorted(OPTIONS_OF)} only "
@@ -204,6 +226,11 @@ class FinetuneConfig:
             p.append(f"selected file {self.selected!r} does not exist; pass RUN/selected.parquet of a prune run")
         if not Path(self.data).is_dir():
             p.append(f"data folder {self.data!r} does not exist; run `dealrec prepare` first")
+        if self.backend == "tiger" and self.semantic_ids:  # the codes of this catalogue, a fitting checkpoint
+            from engine.llm.tiger.backend import option_problems
+
+            opt = {"semantic_ids": "--semantic-ids", "checkpoint": "--tiger-checkpoint"}
+            p.extend(f"{f} ({opt[f]}): {why}" for f, why in option_problems(self.tiger, self.semantic_ids, self.data))
         from engine.rundir import writable_problem  # read-only, inside a file: found before any work
 
         why = writable_problem(self.out, option="--out")
@@ -225,6 +252,9 @@ class FinetuneConfig:
         """
         if self.backend == "textrec":
             return {"config": {**self.textrec, **({"device": str(device)} if device is not None else {})}}
+        if self.backend == "tiger":
+            return {"config": {**self.tiger, **({"device": str(device)} if device is not None else {})},
+                    "semantic_ids": self.semantic_ids}
         llm = self.llm.to_dict()
         if base is not None:
             llm["model"] = base
@@ -236,6 +266,9 @@ class FinetuneConfig:
         d = asdict(self)
         d["llm"] = self.llm.to_dict()
         d["ks"] = list(self.ks)
+        for k in OMITTED_WHEN_NONE:
+            if d[k] is None:
+                del d[k]
         return d
 
     @classmethod

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from engine.errors import ResumeError
-from engine.finetune.adapter import export_adapter, lora_checksum
+from engine.finetune.adapter import export_trained, full_finetune, trained_checksum
 from engine.finetune.config import FinetuneConfig
 from engine.finetune.steppers import _to, build_stepper
 
@@ -256,11 +256,13 @@ def train(backend, data: dict, cfg: FinetuneConfig, *, report: Callable[[dict, P
           world: int = 1, device="cpu", on_gpu: bool = False, wrap_model: Callable | None = None,
           restore: Path | None = None, log: Callable[[str], None] | None = None,
           on_epoch: Callable[[nn.Module, dict], dict] | None = None) -> dict:
-    """Fine-tune ``backend``'s LoRA on ``data``: the local run, or one data-parallel rank.
+    """Fine-tune ``backend``'s LoRA (or, for a ``full_finetune`` backend, its whole model) on
+    ``data``: the local run, or one data-parallel rank.
 
     Every epoch: :func:`run_epoch`, the validation loss (mean ``backend.per_sample_loss`` over the
-    validation samples), early stopping, the best adapter so far, per-rank LoRA checksums, and a
-    checkpoint (state, best adapter, optimiser) handed to ``report``. Determinism: the epoch's
+    validation samples), early stopping, the best adapter (or model:
+    :func:`engine.finetune.adapter.export_trained`) so far, per-rank checksums of the trained
+    weights, and a checkpoint (state, best adapter, optimiser) handed to ``report``. Determinism: the epoch's
     order is ``default_rng([seed, epoch])`` and the dropout RNG is reseeded at every epoch start
     from (seed, epoch, rank), so a run resumed from an epoch checkpoint continues exactly the curve
     of an uninterrupted one. An invocation that trains no epoch (``epochs=0``, or a finished run)
@@ -308,7 +310,7 @@ def train(backend, data: dict, cfg: FinetuneConfig, *, report: Callable[[dict, P
 
     stepper = build_stepper(model, cfg, world=world, total_steps=steps_per_epoch(n, cfg, world) * cfg.epochs,
                             device=device, on_gpu=on_gpu, loss_fn=loss_fn, wrap_model=wrap_model,
-                            bf16=getattr(backend, "train_bf16", None))
+                            bf16=getattr(backend, "train_bf16", None), full_model=full_finetune(backend))
     salt = getattr(backend, "dropout_seed_salt", "")
     state = new_state(cfg, n, len(vt))
     work = Path(tempfile.mkdtemp(prefix="dealrec-ft-"))
@@ -332,11 +334,12 @@ def train(backend, data: dict, cfg: FinetuneConfig, *, report: Callable[[dict, P
             val = mean_loss(stepper.model, make_val, len(vt), backend.per_sample_loss, micro_batch=cfg.micro,
                             rank=rank, world=world, device=device) if len(vt) else float("nan")
             if update_state(state, cfg, stats, val):
-                export_adapter(stepper.model, best_dir, rank=rank, zero3=stepper.zero3)
+                export_trained(backend, stepper.model, best_dir, rank=rank, zero3=stepper.zero3)
             rec = state["history"][-1]
             if on_epoch is not None:
                 rec["extra"] = {k: float(v) for k, v in on_epoch(stepper.model, dict(rec)).items()}
-            rec["rank_checksums"] = _gather_objects(lora_checksum(stepper.model, zero3=stepper.zero3), world)
+            rec["rank_checksums"] = _gather_objects(trained_checksum(backend, stepper.model, zero3=stepper.zero3),
+                                                    world)
             rec["optimizer_steps"] = stepper.optimizer_steps
             ran += 1
             if log is not None and rank == 0:
@@ -345,8 +348,9 @@ def train(backend, data: dict, cfg: FinetuneConfig, *, report: Callable[[dict, P
             _checkpoint(state, stepper, best_dir, rank, report, f"epoch-{state['epoch']:04d}")
         if ran == 0:
             if not best_dir.exists():
-                export_adapter(stepper.model, best_dir, rank=rank, zero3=stepper.zero3)
-            state["final_checksums"] = _gather_objects(lora_checksum(stepper.model, zero3=stepper.zero3), world)
+                export_trained(backend, stepper.model, best_dir, rank=rank, zero3=stepper.zero3)
+            state["final_checksums"] = _gather_objects(trained_checksum(backend, stepper.model, zero3=stepper.zero3),
+                                                       world)
             _checkpoint(state, stepper, best_dir, rank, report, f"epoch-{state['epoch']:04d}-final")
     finally:
         shutil.rmtree(work, ignore_errors=True)

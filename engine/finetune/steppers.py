@@ -164,18 +164,21 @@ class TorchStepper:
         max_grad_norm: clip the global gradient norm (0 disables).
         device: where batches go.
         loss_fn: ``loss_fn(module, batch) -> scalar`` (default: :func:`causal_lm_loss`).
+        full_model: every parameter trains (a full fine-tune): checkpoints hold every trainable
+            parameter by name instead of the LoRA state dict.
     """
 
     zero3 = False
 
     def __init__(self, model, optimizer, scheduler, *, accumulation: int, max_grad_norm: float, device,
-                 loss_fn: Callable | None = None):
+                 loss_fn: Callable | None = None, full_model: bool = False):
         self.engine = model
         self.model = getattr(model, "module", model)
         self.optimizer, self.scheduler = optimizer, scheduler
         self.accumulation, self.max_grad_norm = accumulation, max_grad_norm
         self.device = torch.device(device)
         self.loss_fn = loss_fn or causal_lm_loss
+        self.full_model = bool(full_model)
         self._micro = 0
         self._steps = 0
 
@@ -208,28 +211,40 @@ class TorchStepper:
         self.engine.eval()
 
     def save(self, ckpt_dir: Path, *, rank: int = 0) -> None:
-        """Rank 0 writes LoRA weights + optimiser + scheduler (replicas are identical)."""
+        """Rank 0 writes the trained weights (LoRA, or every trainable parameter of a full
+        fine-tune) + optimiser + scheduler (replicas are identical)."""
         if rank != 0:
             return
-        from peft import get_peft_model_state_dict
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "steps": self._steps, "micro": self._micro}
+        if self.full_model:
+            state["model"] = {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
+        else:
+            from peft import get_peft_model_state_dict
 
-        torch.save({"lora": get_peft_model_state_dict(peft_module(self.model)),
-                    "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                    "steps": self._steps, "micro": self._micro}, Path(ckpt_dir) / TORCH_STATE_FILE)
+            state["lora"] = get_peft_model_state_dict(peft_module(self.model))
+        torch.save(state, Path(ckpt_dir) / TORCH_STATE_FILE)
 
     def load(self, ckpt_dir: Path) -> None:
-        from peft import set_peft_model_state_dict
-
         st = torch.load(Path(ckpt_dir) / TORCH_STATE_FILE, map_location=self.device, weights_only=False)
-        set_peft_model_state_dict(peft_module(self.model), st["lora"])
+        if self.full_model:
+            params = dict(self.model.named_parameters())
+            with torch.no_grad():
+                for n, t in st["model"].items():
+                    params[n].copy_(t)
+        else:
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(peft_module(self.model), st["lora"])
         self.optimizer.load_state_dict(st["optimizer"])
         self.scheduler.load_state_dict(st["scheduler"])
         self._steps, self._micro = int(st["steps"]), int(st["micro"])
 
 
 def build_stepper(model, cfg: FinetuneConfig, *, world: int, total_steps: int, device, on_gpu: bool = False,
-                  loss_fn: Callable | None = None, wrap_model: Callable | None = None, bf16: bool | None = None):
-    """The stepper of ``cfg.strategy`` over ``model``'s trainable (LoRA) parameters.
+                  loss_fn: Callable | None = None, wrap_model: Callable | None = None, bf16: bool | None = None,
+                  full_model: bool = False):
+    """The stepper of ``cfg.strategy`` over ``model``'s trainable parameters (LoRA, or all of them).
 
     Args:
         model: the backend's model, on ``device``.
@@ -241,6 +256,8 @@ def build_stepper(model, cfg: FinetuneConfig, *, world: int, total_steps: int, d
         loss_fn: the backend's ``loss_fn(module, batch)``.
         wrap_model: for ``ddp``, the DDP wrapper (e.g. ``ray.train.torch.prepare_model``); None = none.
         bf16: see :func:`deepspeed_config`.
+        full_model: a full fine-tune (:class:`TorchStepper` checkpoints every trainable parameter;
+            DeepSpeed saves its module's trainable parameters either way).
 
     Returns:
         A :class:`DeepSpeedStepper` (``deepspeed``) or :class:`TorchStepper` (``local``, ``ddp``).
@@ -259,4 +276,4 @@ def build_stepper(model, cfg: FinetuneConfig, *, world: int, total_steps: int, d
     return TorchStepper(wrapped, opt, make_scheduler(opt, cfg, total_steps),
                         accumulation=cfg.batch_size // ((cfg.batch_size // world if cfg.micro_batch is None
                                                          else cfg.micro_batch) * world),
-                        max_grad_norm=cfg.max_grad_norm, device=device, loss_fn=loss_fn)
+                        max_grad_norm=cfg.max_grad_norm, device=device, loss_fn=loss_fn, full_model=full_model)

@@ -29,8 +29,12 @@ Layout (one module per stage; every public name is importable from ``engine.infl
 - :mod:`engine.influence.solvers`     -- v = (H + damping I)^-1 g_bar: CG, LiSSA, exact; :class:`SolveReport`
 - :mod:`engine.influence.directional` -- grad L_s . v for a whole batch in one pass (JVP or finite differences)
 - :mod:`engine.influence.baselines`   -- GraNd and EL2N, the selection baselines on the same surrogate
+- :mod:`engine.influence.target`      -- the validation target (``InfluenceConfig(target="valid")``):
+  g_bar = the mean gradient of the validation period's loss
 - :mod:`engine.influence.pipeline`    -- :func:`influence_scores` end to end, and the surrogate's
   pipeline: :class:`InfluenceConfig`, the streamed iHVP, :func:`score_surrogate_batch`
+- :mod:`engine.influence.llm`         -- the LLM-side influence: one vector u (the mean LoRA gradient
+  of the validation loss) and each sample's LoRA gradient dotted with it, for any backend
 """
 
 from engine.influence.params import flatten_params, trainable_params, unflatten
@@ -38,6 +42,7 @@ from engine.influence.hvp import hessian_vector_product, mean_gradient
 from engine.influence.solvers import SOLVERS, SolveReport, dense_hessian, solve_ihvp
 from engine.influence.directional import DirectionalDerivatives, directional_derivatives, split_direction
 from engine.influence.baselines import el2n_scores, grand_scores
+from engine.influence.target import TARGETS, read_target_rows, surrogate_valid_loss, valid_mean_gradient
 from engine.influence.pipeline import (
     InfluenceConfig,
     compute_ihvp_for_samples,
@@ -51,6 +56,7 @@ __all__ = [
     "DirectionalDerivatives",
     "InfluenceConfig",
     "SolveReport",
+    "TARGETS",
     "compute_ihvp_for_samples",
     "compute_ihvp_streaming",
     "dense_hessian",
@@ -62,9 +68,12 @@ __all__ = [
     "hessian_vector_product",
     "influence_scores",
     "mean_gradient",
+    "read_target_rows",
     "score_surrogate_batch",
     "solve_ihvp",
     "split_direction",
+    "surrogate_valid_loss",
     "trainable_params",
     "unflatten",
+    "valid_mean_gradient",
 ]

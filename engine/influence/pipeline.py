@@ -20,6 +20,7 @@ from engine.influence.directional import DirectionalDerivatives, directional_der
 from engine.influence.hvp import mean_gradient
 from engine.influence.params import LossFn
 from engine.influence.solvers import SOLVERS, solve_ihvp
+from engine.influence.target import TARGETS, valid_mean_gradient
 
 def influence_scores(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], *, solver: str = "cg",
                      damping: float = 0.0, **solver_options: Any) -> np.ndarray:
@@ -75,7 +76,16 @@ class InfluenceConfig:
                           "fixed subsampled Hessian (each CG step is one pass over them); None = all samples"})
     batch_size: int = field(default=256, metadata={"help": "samples per batch of the g_bar / HVP passes"})
     method: str = field(default="jvp", metadata={"help": "directional derivatives: 'jvp' (exact) or 'fd'"})
-    seed: int = field(default=0, metadata={"help": "seed of the Hessian subsample and of lissa's sampling"})
+    seed: int = field(default=0, metadata={"help": "seed of the Hessian subsample, of lissa's sampling and of the "
+                                                   "target_users subset"})
+    target: str = field(
+        default="train",
+        metadata={"help": "what influence is measured on: 'train' (g_bar = the mean training gradient, DEALRec) or "
+                          "'valid' (g_bar = the mean gradient of the validation period's loss: every validation "
+                          "user's items after their training sequence; engine.influence.target)"})
+    target_users: int | None = field(
+        default=None,
+        metadata={"help": "target 'valid': a seeded random subset of this many validation users (None = all)"})
 
     def __post_init__(self) -> None:
         p: list[str] = []
@@ -95,8 +105,23 @@ class InfluenceConfig:
             p.append(f"hessian_samples={self.hessian_samples!r}: must be an int >= 1 or None")
         if self.method not in ("jvp", "fd"):
             p.append(f"method={self.method!r}: expected 'jvp' or 'fd'")
+        if self.target not in TARGETS:
+            p.append(f"target={self.target!r}: expected one of {TARGETS}")
+        if self.target_users is not None and not (isinstance(self.target_users, int) and self.target_users >= 1):
+            p.append(f"target_users={self.target_users!r}: must be an int >= 1 or None")
         if p:
             raise ConfigError(p, config="InfluenceConfig")
+
+    def hash_dict(self) -> dict[str, Any]:
+        """The config as the iHVP stage's fingerprint: every field, the target fields only when the
+        target is not the default 'train' (so run folders of before the target keep their hash)."""
+        from engine.config import to_dict
+
+        d = to_dict(self)
+        if self.target == "train":
+            d.pop("target")
+            d.pop("target_users")
+        return d
 
     def solver_options(self) -> dict[str, Any]:
         """Keyword options of :func:`solve_ihvp` for this config's solver."""
@@ -133,11 +158,14 @@ def _concat(parts: list[Any]) -> Any:
 
 
 def compute_ihvp_streaming(model: nn.Module, chunks: Callable[[], Iterable[Any]], cfg: InfluenceConfig, *,
-                           log: Callable[[str], None] = print) -> dict[str, Any]:
+                           target_rows: Any = None, log: Callable[[str], None] = print,
+                           solve_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Driver step of the prune job with memory bounded by one chunk plus the Hessian subsample.
 
     Pass 1 streams every chunk (e.g. one Parquet file of samples) through length-sorted
-    batches and accumulates the gradient sum, so g_bar never needs all samples at once.
+    batches and accumulates the gradient sum, so g_bar never needs all samples at once
+    (``cfg.target == "valid"``: g_bar is instead the mean gradient of the validation loss over
+    ``target_rows``, :func:`engine.influence.target.valid_mean_gradient`, and pass 1 only counts n).
     Pass 2 streams again and keeps only the rows of the fixed Hessian subsample
     (:func:`hessian_rows`: ``hessian_samples`` seeded random rows; all rows when None, which
     then holds every sample's batch in memory). Then v = (H + dI)^-1 g_bar is solved once.
@@ -147,26 +175,38 @@ def compute_ihvp_streaming(model: nn.Module, chunks: Callable[[], Iterable[Any]]
         chunks: ``chunks()`` returns a fresh iterable of sample chunks (pyarrow Tables or dicts
             of numpy in the samples schema), the same rows in the same order each call.
         cfg: :class:`InfluenceConfig`.
+        target_rows: with ``cfg.target == "valid"``: the validation users
+            (:func:`engine.influence.target.read_target_rows`).
         log: progress lines.
+        solve_options: more keyword options of :func:`solve_ihvp` (an update run's warm start:
+            ``x0`` = yesterday's v, ``cold_reference``).
 
     Returns:
-        dict with ``v`` (numpy [m]), ``n`` (samples), ``damping``, ``g_bar_norm`` and the
-        :class:`SolveReport` fields (``rel_residual``, ``iterations``, ``hvps``, ``seconds``, ...).
+        dict with ``v`` (numpy [m]), ``n`` (samples), ``damping``, ``g_bar_norm``, ``target``
+        (and ``n_target_users`` for "valid") and the :class:`SolveReport` fields
+        (``rel_residual``, ``iterations``, ``hvps``, ``seconds``, ...).
 
     Raises:
         SolverError: the solve diverged or met negative curvature (message names the knob).
-        ValueError: no samples.
+        ValueError: no samples, or target "valid" without ``target_rows``.
     """
     from engine.data.schema import take_rows
     from engine.surrogate import make_batches, surrogate_loss
 
+    if cfg.target == "valid" and target_rows is None:
+        raise ValueError("target='valid' needs target_rows (engine.influence.target.read_target_rows)")
+    train_target = cfg.target == "train"
     damping = float(model.cfg.weight_decay if cfg.damping is None else cfg.damping)
     max_len = model.cfg.max_len
     t0 = last = time.perf_counter()
     acc: Tensor | None = None
     n = 0
+    extra: dict[str, Any] = {"target": cfg.target}
     for i, chunk in enumerate(chunks()):
         if _num_rows(chunk) == 0:
+            continue
+        if not train_target:  # only n is needed from the training samples
+            n += _num_rows(chunk)
             continue
         g, k = mean_gradient(model, surrogate_loss, make_batches(chunk, batch_size=cfg.batch_size,
                                                                   max_len=max_len, order="length"))
@@ -175,11 +215,17 @@ def compute_ihvp_streaming(model: nn.Module, chunks: Callable[[], Iterable[Any]]
         if time.perf_counter() - last > 30:  # long passes (millions of samples) show progress
             last = time.perf_counter()
             log(f"[ihvp] g_bar: {n} samples, {i + 1} chunk(s), {n / (last - t0):.0f} samples/s")
-    if acc is None:
+    if n == 0:
         raise ValueError("no samples in chunks")
-    g_bar = acc / n
-    log(f"[ihvp] g_bar over {n} samples (streamed, {i + 1} chunk(s)): ||g_bar|| = {float(g_bar.norm()):.4e} "
-        f"({time.perf_counter() - t0:.1f}s)")
+    if train_target:
+        g_bar = acc / n
+        log(f"[ihvp] g_bar over {n} samples (streamed, {i + 1} chunk(s)): ||g_bar|| = {float(g_bar.norm()):.4e} "
+            f"({time.perf_counter() - t0:.1f}s)")
+    else:
+        g_bar, u = valid_mean_gradient(model, target_rows, batch_size=cfg.batch_size)
+        extra["n_target_users"] = u
+        log(f"[ihvp] g_bar = mean gradient of the validation loss over {u} validation users: "
+            f"||g_bar|| = {float(g_bar.norm()):.4e} ({time.perf_counter() - t0:.1f}s)")
     rows = hessian_rows(n, cfg)
     parts, start = [], 0
     for chunk in (chunks() if cfg.solver != "identity" else ()):  # identity: v = g_bar, no Hessian
@@ -195,17 +241,18 @@ def compute_ihvp_streaming(model: nn.Module, chunks: Callable[[], Iterable[Any]]
     opts = cfg.solver_options()
     if cfg.solver in ("cg", "lissa"):
         opts["log"] = log
+    opts.update(solve_options or {})
     v, rep = solve_ihvp(model, surrogate_loss, hbatches, g_bar, solver=cfg.solver, damping=damping, **opts)
     log(f"[ihvp] {cfg.solver}: relative residual {rep.rel_residual:.3e} after {rep.iterations} iterations, "
         f"{rep.hvps} HVPs, {rep.seconds:.1f}s (H on {rep.extra.get('n_hessian_samples')} samples)")
-    return {"v": v.detach().cpu().numpy(), "n": n, "damping": damping, "g_bar_norm": float(g_bar.norm()),
+    return {"v": v.detach().cpu().numpy(), "n": n, "damping": damping, "g_bar_norm": float(g_bar.norm()), **extra,
             **{k: val for k, val in rep.to_dict().items() if k != "damping"}}
 
 
-def compute_ihvp_for_samples(model: nn.Module, samples: Any, cfg: InfluenceConfig, *,
+def compute_ihvp_for_samples(model: nn.Module, samples: Any, cfg: InfluenceConfig, *, target_rows: Any = None,
                              log: Callable[[str], None] = print) -> dict[str, Any]:
     """:func:`compute_ihvp_streaming` over one in-memory samples table (or dict of numpy)."""
-    return compute_ihvp_streaming(model, lambda: [samples], cfg, log=log)
+    return compute_ihvp_streaming(model, lambda: [samples], cfg, target_rows=target_rows, log=log)
 
 
 def score_surrogate_batch(model: nn.Module, batch: Any, *, v: Any = None, n_train: int | None = None,

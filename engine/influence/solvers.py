@@ -124,8 +124,12 @@ def _no_unknown(solver: str, unknown: Mapping[str, Any]) -> None:
 
 
 def _solve_cg(op: Callable[[Tensor], Tensor], g: Tensor, damping: float, *, tol: float = 1e-6,
-              max_iter: int = 200, log: Callable[[str], None] | None = None,
+              max_iter: int = 200, log: Callable[[str], None] | None = None, x0: Tensor | None = None,
               **unknown: Any) -> tuple[Tensor, dict[str, Any]]:
+    """CG on (H + dI) x = g, from x0 (a warm start, e.g. yesterday's v; scaled by the factor that
+    minimises the A-norm error along it) or from 0. The stopping rule is the same either way:
+    ||g - (H + dI) x|| / ||g|| < tol; a warm start costs one more HVP (its initial residual) and
+    saves the iterations it starts closer."""
     _no_unknown("cg", unknown)
     bad = []
     if not tol > 0:
@@ -134,12 +138,35 @@ def _solve_cg(op: Callable[[Tensor], Tensor], g: Tensor, damping: float, *, tol:
         bad.append(f"max_iter={max_iter!r}: must be an int >= 1")
     if bad:
         raise ConfigError(bad, config="cg solver")
-    x = torch.zeros_like(g)
-    r = g.clone()
-    p = r.clone()
     gnorm = float(g.norm())
+    hvps, extra = 0, {}
+    if x0 is None:
+        x = torch.zeros_like(g)
+        r = g.clone()
+    else:
+        x0 = torch.as_tensor(x0)
+        if x0.shape != g.shape:
+            raise ConfigError([f"x0 has shape {tuple(x0.shape)}, g_bar {tuple(g.shape)}: a warm start needs the "
+                               "same parameters (the same surrogate architecture)"], config="cg solver")
+        x = x0.to(dtype=g.dtype, device=g.device).clone()
+        if not bool(torch.isfinite(x).all()):
+            raise ConfigError(["x0 holds NaN/inf"], config="cg solver")
+        ax = op(x)
+        hvps += 1
+        # start from the best multiple of x0 (it minimises the A-norm error along x0, so the start
+        # is never worse than 0 in that norm): g_bar's scale moves from day to day with the data
+        xax = float(x @ ax)
+        scale = float(x @ g) / xax if xax > 0 and math.isfinite(xax) else 0.0
+        x, r = x * scale, g - scale * ax
+        extra["x0_scale"] = scale
+        extra["x0_rel_residual"] = float(r.norm()) / gnorm if gnorm > 0 else 0.0
+        if log is not None:
+            log(f"[cg] warm start: x0 scaled by {scale:.4g}, initial relative residual "
+                f"{extra['x0_rel_residual']:.3e}")
+    p = r.clone()
     rs = float(r @ r)
-    hvps, it, converged = 0, 0, gnorm == 0.0
+    it = 0
+    converged = gnorm == 0.0 or math.sqrt(rs) / gnorm < tol
     while not converged and it < max_iter:
         ap = op(p)
         hvps += 1
@@ -165,7 +192,7 @@ def _solve_cg(op: Callable[[Tensor], Tensor], g: Tensor, damping: float, *, tol:
             break
         p = r + (rs_new / rs) * p
         rs = rs_new
-    return x, {"iterations": it, "hvps": hvps, "converged": converged}
+    return x, {"iterations": it, "hvps": hvps, "converged": converged, **extra}
 
 
 def _solve_lissa(model: nn.Module, loss_fn: LossFn, batches: Sequence[Any], g: Tensor, damping: float, *,
@@ -241,7 +268,7 @@ def _slice_batch(batch: Any, rows: np.ndarray, size: int) -> Any:
 def solve_ihvp(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], g_bar: Tensor, *,
                solver: str = "cg", damping: float = 0.0, gauss_newton: bool = False,
                hessian_batches: int | None = None, check_residual: bool = True,
-               **opts: Any) -> tuple[Tensor, SolveReport]:
+               cold_reference: bool = False, **opts: Any) -> tuple[Tensor, SolveReport]:
     """Solve (H + damping I) v = g_bar once, H the Hessian of the mean loss R.
 
     Args:
@@ -257,6 +284,9 @@ def solve_ihvp(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], g_bar:
         hessian_batches: use only the first k batches for H (a fixed subsampled Hessian, for
             large data); the residual then refers to that operator. None = all batches.
         check_residual: evaluate the achieved residual with one more full HVP (LiSSA / CG).
+        cold_reference: with a warm-started CG (option ``x0``), also solve from zero on the same
+            operator and report its iterations, residual and time in ``extra["cold"]`` (what the
+            warm start saved; the returned v is the warm one).
 
     Returns:
         (v, :class:`SolveReport`).
@@ -287,6 +317,16 @@ def solve_ihvp(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], g_bar:
         v, info = _solve_exact(model, loss_fn, hb, g_bar, float(damping), n_h, gauss_newton, **opts)
     elif solver == "cg":
         v, info = _solve_cg(op, g_bar, damping, **opts)
+        if cold_reference and opts.get("x0") is not None:
+            t1 = time.perf_counter()
+            v_cold, cold = _solve_cg(op, g_bar, damping, **{k: o for k, o in opts.items() if k != "x0"})
+            gn = float(g_bar.norm())
+            info["cold"] = {"iterations": cold["iterations"], "hvps": cold["hvps"] + 1,
+                            "converged": cold["converged"], "seconds": time.perf_counter() - t1,
+                            "rel_residual": float((op(v_cold) - g_bar).norm()) / gn if gn > 0 else 0.0,
+                            "rel_diff_to_warm": float((v_cold - v).norm()) / max(float(v_cold.norm()), 1e-30)}
+    elif opts.get("x0") is not None:
+        raise ConfigError([f"x0 (a warm start) is an option of solver='cg', not {solver!r}"], config="iHVP solver")
     else:
         v, info = _solve_lissa(model, loss_fn, hb, g_bar, float(damping), gauss_newton=gauss_newton, **opts)
     if not bool(torch.isfinite(v).all()):

@@ -5,6 +5,8 @@
   causal LM; ranks by generating a title and grounding it to the catalogue.
 * ``textrec`` (:mod:`engine.llm.textrec`): a pretrained sentence encoder (all-MiniLM-L6-v2,
   offline) + LoRA, user and item texts in one tower, ranking by cosine.
+* ``tiger`` (:mod:`engine.llm.tiger`): a T5 encoder-decoder over semantic-ID tokens, every
+  parameter trained (``full_finetune``), ranking by beam search constrained to catalogue tuples.
 
 Adding a backend is one package with a ``backend.py`` and one line in :data:`BACKENDS`. The
 registry holds import paths, so importing :mod:`engine.llm` loads no model code.
@@ -47,7 +49,7 @@ def get_backend(name: str, titles: Sequence[str], **options) -> LLMBackend:
         name: a key of :data:`BACKENDS`.
         titles: title of every item id.
         **options: the backend's keyword options (``llm=``, ``prompt=`` for bigrec; ``config=`` for
-            textrec).
+            textrec; ``config=``, ``semantic_ids=`` for tiger).
 
     Returns:
         An object satisfying :class:`LLMBackend`.

@@ -28,7 +28,14 @@ class LLMBackend(Protocol):
     name: str
 
     def build_model(self) -> nn.Module:
-        """The pretrained model with a fresh (or loaded) LoRA; only LoRA parameters train."""
+        """The pretrained model with a fresh (or loaded) LoRA; only LoRA parameters train.
+
+        A backend whose every parameter trains (TIGER) sets the class attribute
+        ``full_finetune = True`` and has ``save_model(model, folder)``; its ``load_model(folder)``
+        reads that folder back. The fine-tune loop then exports the whole model through
+        ``save_model`` (OUT/model) instead of a peft adapter (OUT/adapter), and checkpoints and
+        fingerprints every trainable parameter (:mod:`engine.finetune.adapter`).
+        """
         ...
 
     def encode_samples(self, sample_ids: Sequence[int], histories: Sequence[Sequence[int]],

@@ -83,6 +83,8 @@ def train_surrogate(
     world_size: int = 1,
     wrap_model: Callable[[nn.Module], nn.Module] | None = None,
     reduce_fn: Callable[[Any], list[Any]] | None = None,
+    init_state: Mapping[str, Any] | None = None,
+    max_steps: int | None = None,
 ) -> tuple[SASRec | BERT4Rec, list[dict[str, float]]]:
     """Train a surrogate on all samples; a pure function (no Ray), also the loop of one data-parallel rank.
 
@@ -128,6 +130,11 @@ def train_surrogate(
             the list of every rank's object in rank order, the same on every rank. Called once
             per epoch (and once per batch when ``cfg.max_minutes`` is set). None = ``torch.distributed.
             all_gather_object`` when ``world_size`` > 1 (needs an initialised process group).
+        init_state: a state dict of the same architecture to start from instead of the seeded
+            initialisation (a warm start: ``dealrec prune --update`` continues yesterday's
+            surrogate). The optimizer starts afresh.
+        max_steps: stop after this many optimizer steps (the last epoch may be partial; it is
+            validated like a full one). None = no bound besides ``cfg.epochs``.
 
     Returns:
         (model in eval mode, list of per-epoch metric dicts: epoch, train_loss, recall, ndcg, seconds).
@@ -153,6 +160,12 @@ def train_surrogate(
     if rank != 0:
         log = _no_log
     model = build_surrogate(n_items, cfg)  # seeds the global RNG with cfg.seed: same init on every rank
+    if init_state is not None:
+        model.load_state_dict({k: torch.as_tensor(np.asarray(v)) if not torch.is_tensor(v) else v
+                               for k, v in init_state.items()})
+    if max_steps is not None and not (isinstance(max_steps, int) and max_steps >= 1):
+        raise ConfigError([f"max_steps={max_steps!r}: must be an int >= 1 or None"], config="train_surrogate")
+    steps = 0
     if rank > 0:
         torch.manual_seed(_rank_seed(cfg.seed, rank))  # dropout stream of this rank
     in_memory = not (isinstance(samples, Sequence) and all(callable(c) for c in samples))
@@ -227,12 +240,16 @@ def train_surrogate(
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                steps += 1
                 tot += float(loss.detach()) * len(b["sample_id"])
                 seen += len(b["sample_id"])
                 bi += 1
                 if cfg.log_every and bi % cfg.log_every == 0:
                     log(f"[surrogate] epoch {epoch} batch {bi}/{n_batches} loss {tot / seen:.4f} "
                         f"({time.perf_counter() - t0:.0f}s)")
+                if max_steps is not None and steps >= max_steps:  # the same step on every rank
+                    timed_out = True
+                    break
                 if cfg.max_minutes is not None:
                     over = time.perf_counter() - t_start > cfg.max_minutes * 60
                     if distributed:
@@ -258,8 +275,10 @@ def train_surrogate(
             m.update(recall=val["recall"], ndcg=val["ndcg"])
         m["seconds"] = time.perf_counter() - t0
         history.append(m)
+        bounded = max_steps is not None and steps >= max_steps
         log(f"[surrogate] epoch {epoch}/{cfg.epochs} " + " ".join(
-            f"{k}={v:.4f}" for k, v in m.items() if k != "epoch") + (" (time box reached)" if timed_out else ""))
+            f"{k}={v:.4f}" for k, v in m.items() if k != "epoch")
+            + (f" (step bound {max_steps} reached)" if bounded else " (time box reached)" if timed_out else ""))
         if val is not None:
             if m["recall"] > best:
                 best, bad = m["recall"], 0

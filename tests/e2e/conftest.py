@@ -63,3 +63,23 @@ def synthetic_small(tmp_path_factory):
     prepare(PrepareConfig(format="synthetic", out=str(out), users=240, items=80, interactions_per_user=6,
                           rows_per_file=30, seed=3))
     return out
+
+
+def start_and_kill_after_shards(cmd: list[str], env: dict, shards: Path, n: int = 2) -> None:
+    """Start a job (own process group), SIGKILL it once ``n`` effort shards are on disk."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if shards.exists() and len(list(shards.glob("*.parquet"))) >= n:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the job finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(1.0)

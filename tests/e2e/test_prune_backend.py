@@ -1,6 +1,6 @@
 """`dealrec prune --backend textrec` end to end (through ``jobs.cli.main``): the effort column is
 the text encoder's effort computed directly by the engine (:func:`engine.llm.textrec.effort_scores`)
-on the same samples with the same config, the manifest records the backend, an unchanged rerun
+on the same samples with the same config (negatives seeded by the sample key), the manifest records the backend, an unchanged rerun
 resumes, and switching to ``--backend bigrec`` on the same ``--out`` is refused without
 ``--overwrite`` and recomputes only effort (+ selection and report) with it.
 
@@ -37,10 +37,15 @@ def direct_effort(data: Path, config: dict) -> np.ndarray:
     from engine.data.schema import read_items, read_samples
     from engine.llm import textrec as te
 
+    from engine.samplekey import key_seeds, table_keys
+
     samples = read_samples(data).sort_by("sample_id")
     assert samples.column("sample_id").to_pylist() == list(range(samples.num_rows))
     titles = read_items(data).sort_by("item_id").column("title").to_pylist()
-    return te.effort_scores(te.build_model(config), te.Catalogue.from_titles(titles), samples, micro_batch=MB)
+    # the job seeds each sample's fixed negatives by its content key, not its row (actors/content_effort.py)
+    seeded = {"sample_id": key_seeds(table_keys(samples)), "history": samples.column("history").to_pylist(),
+              "target": samples.column("target").to_numpy()}
+    return te.effort_scores(te.build_model(config), te.Catalogue.from_titles(titles), seeded, micro_batch=MB)
 
 
 def check_textrec_run(out: Path, data: Path, config: dict) -> dict:

@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from engine.errors import ConfigError, ResumeError
+from tests.e2e.conftest import start_and_kill_after_shards
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 ROOT = Path(__file__).resolve().parents[2]
@@ -172,24 +170,15 @@ def test_killed_run_resumes_without_rescoring(ray_cluster, synthetic_small, tmp_
     run_job(synthetic_small, ref, "--budget", "40", cache=llm_cache)
     out = tmp_path / "killed"
     env = {**os.environ, "RAY_ADDRESS": "local", "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT)}
+    own = ("--score-cache", str(tmp_path / "cache-killed"))  # not the ref's cache (beside both): all would hit
     cmd = [sys.executable, str(ROOT / "jobs" / "prune.py"), "--data", str(synthetic_small), "--out", str(out),
-           "--budget", "40", "--llm-cache", str(llm_cache), *FAST]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+           "--budget", "40", "--llm-cache", str(llm_cache), *own, *FAST]
     shards = out / "shards" / "effort"
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        if shards.exists() and len(list(shards.glob("*.parquet"))) >= 2:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the job finished before it could be killed"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    time.sleep(1.0)
+    start_and_kill_after_shards(cmd, env, shards)
     done_before = {p.name: p.stat().st_mtime_ns for p in shards.glob("*.parquet")}
     assert 2 <= len(done_before) < 8
     assert not (out / "selected.parquet").exists()
-    man = run_job(synthetic_small, out, "--budget", "40", cache=llm_cache)
+    man = run_job(synthetic_small, out, "--budget", "40", *own, cache=llm_cache)
     after = {p.name: p.stat().st_mtime_ns for p in shards.glob("*.parquet")}
     assert {k: after[k] for k in done_before} == done_before  # finished shards were not rescored
     assert man["stages"]["effort"]["shards_skipped"] == len(done_before)

@@ -14,9 +14,9 @@ Layout:
 """
 
 from engine.llm.tiger.config import TigerConfig
-from engine.llm.tiger.model import (EOS, PAD, TokenLayout, build_model, encode, per_sample_loss, save_model,
-                                    train_loss, user_tokens)
+from engine.llm.tiger.model import (EOS, PAD, TokenLayout, build_model, checkpoint_problem, encode,
+                                    per_sample_loss, save_model, train_loss, user_tokens)
 from engine.llm.tiger.ranking import CodeTrie, beam_search
 
-__all__ = ["TigerConfig", "TokenLayout", "build_model", "save_model", "encode", "per_sample_loss", "train_loss",
-           "user_tokens", "CodeTrie", "beam_search", "PAD", "EOS"]
+__all__ = ["TigerConfig", "TokenLayout", "build_model", "save_model", "checkpoint_problem", "encode",
+           "per_sample_loss", "train_loss", "user_tokens", "CodeTrie", "beam_search", "PAD", "EOS"]

@@ -14,7 +14,52 @@ from torch import nn
 
 from engine.errors import ConfigError
 
-__all__ = ["TigerBackend"]
+__all__ = ["TigerBackend", "option_problems"]
+
+
+def option_problems(config: dict | None, semantic_ids, data) -> list[tuple[str, str]]:
+    """What is wrong with the TIGER options of a run on the prepared folder ``data``, before any
+    model is built: ``(field, message)`` pairs, field ``semantic_ids`` (unreadable, or not the
+    codes of ``data``'s catalogue) or ``checkpoint`` (not a saved TIGER, or trained on other
+    semantic ids). ``config``: TigerConfig fields (only ``checkpoint`` and ``n_user_tokens`` are
+    read; validate the config itself with :class:`engine.llm.tiger.TigerConfig`). A ``data`` whose
+    catalogue cannot be read is not compared (its own check names it)."""
+    from engine.errors import DealrecError
+    from engine.llm.tiger.config import TigerConfig
+    from engine.llm.tiger.model import TokenLayout, checkpoint_problem
+    from engine.semantic_ids import catalogue_problem, read_semantic_ids
+
+    out: list[tuple[str, str]] = []
+    if not semantic_ids:
+        return [("semantic_ids", "backend 'tiger' needs the folder written by `dealrec semantic-ids --data DATA "
+                                 "--out DIR`")]
+    try:
+        sids = read_semantic_ids(Path(semantic_ids))
+    except DealrecError as e:
+        return [("semantic_ids", str(e))]
+    except OSError as e:
+        return [("semantic_ids", f"cannot read {str(semantic_ids)!r}: {e}")]
+    titles = None
+    if data is not None:
+        try:
+            from engine.data.schema import read_items
+
+            titles = read_items(data).column("title").to_pylist()
+        except (DealrecError, OSError):
+            titles = None
+    if titles is not None:
+        why = catalogue_problem(sids, titles)
+        if why:
+            out.append(("semantic_ids", f"{str(semantic_ids)!r}: {why} (data {str(data)!r})"))
+    config = dict(config or {})
+    ckpt = config.get("checkpoint")
+    if isinstance(ckpt, str) and ckpt and (Path(ckpt) / "config.json").is_file():  # (missing: TigerConfig says so)
+        n_user = config.get("n_user_tokens", TigerConfig.__dataclass_fields__["n_user_tokens"].default)
+        layout = TokenLayout(tuple(sids.level_sizes), n_user) if isinstance(n_user, int) else None
+        why = checkpoint_problem(ckpt, layout)
+        if why:
+            out.append(("checkpoint", why))
+    return out
 
 
 class TigerBackend:
@@ -37,21 +82,22 @@ class TigerBackend:
     #: fp32 everywhere: a 4+4-layer d_model-128 model gains nothing from bf16
     train_bf16 = False
     supports_zero3 = True
-    #: every parameter trains (no LoRA adapter): a fine-tune exports the whole model (save_model)
+    #: every parameter trains (no LoRA adapter): a fine-tune exports the whole model
+    #: (:meth:`save_model`, read back by :meth:`load_model`) instead of a peft adapter
     full_finetune = True
 
     def __init__(self, titles: Sequence[str], *, config: Any = None, semantic_ids: Any = None):
         from engine.llm.tiger import CodeTrie, TigerConfig, TokenLayout
-        from engine.semantic_ids import SemanticIds, read_semantic_ids
+        from engine.semantic_ids import SemanticIds, catalogue_problem, read_semantic_ids
 
         self.cfg = TigerConfig.from_dict(config) if config is not None else TigerConfig()
         if semantic_ids is None:
             raise ConfigError(["semantic_ids: give the folder written by `dealrec semantic-ids --data DATA --out DIR`"],
                               config="tiger backend")
         sids = semantic_ids if isinstance(semantic_ids, SemanticIds) else read_semantic_ids(Path(semantic_ids))
-        if sids.n_items != len(titles):
-            raise ConfigError([f"semantic_ids: {sids.n_items} tuples for a catalogue of {len(titles)} items; "
-                               "rebuild them for this data set"], config="tiger backend")
+        why = catalogue_problem(sids, titles)
+        if why:
+            raise ConfigError([f"semantic_ids: {why}"], config="tiger backend")
         self.semantic_ids = sids
         self.layout = TokenLayout(tuple(sids.level_sizes), self.cfg.n_user_tokens)
         self.item_tokens = self.layout.item_tokens(sids.codes)

@@ -26,12 +26,14 @@ from torch import nn
 from engine.errors import ConfigError, DataError
 from engine.llm.tiger.config import TigerConfig
 
-__all__ = ["TokenLayout", "build_model", "save_model", "encode", "per_sample_loss", "train_loss",
-           "user_tokens", "PAD", "EOS", "LAYOUT_FILE"]
+__all__ = ["TokenLayout", "build_model", "save_model", "checkpoint_problem", "encode", "per_sample_loss",
+           "train_loss", "user_tokens", "PAD", "EOS", "LAYOUT_FILE", "WEIGHT_FILES"]
 
 PAD, EOS = 0, 1
 N_SPECIAL = 2
 LAYOUT_FILE = "tiger_layout.json"
+#: the weight files ``save_pretrained`` may write (one of them)
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
 _M64 = (1 << 64) - 1
 
 
@@ -139,6 +141,25 @@ def t5_config(cfg: TigerConfig, layout: TokenLayout):
     return c
 
 
+class _quiet_hf:
+    """transformers' warnings and progress bars off for a block (loading / saving a small TIGER)."""
+
+    def __enter__(self):
+        from transformers.utils import logging as hf_logging
+
+        self.level, self.bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+
+    def __exit__(self, *exc):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity(self.level)
+        if self.bars:
+            hf_logging.enable_progress_bar()
+        return False
+
+
 def build_model(cfg: TigerConfig, layout: TokenLayout) -> nn.Module:
     """The T5 of ``cfg`` (seeded init, or the saved ``cfg.checkpoint``), every parameter trainable,
     in train mode on ``cfg.device``.
@@ -160,14 +181,9 @@ def build_model(cfg: TigerConfig, layout: TokenLayout) -> nn.Module:
         conf = T5Config.from_pretrained(cfg.checkpoint)
         conf.tie_word_embeddings = bool(conf.scale_decoder_outputs)  # as t5_config saved it (T5Config forces True)
         conf._attn_implementation = "eager"
-        from transformers.utils import logging as hf_logging
-
-        level = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()  # untied: the input embeddings are saved once, as shared.weight,
-        try:                               # and reported "missing" before set_input_embeddings re-ties them
+        with _quiet_hf():  # untied: the input embeddings are saved once, as shared.weight, and
+            # reported "missing" before set_input_embeddings re-ties them; no progress bars
             model = T5ForConditionalGeneration.from_pretrained(cfg.checkpoint, config=conf)
-        finally:
-            hf_logging.set_verbosity(level)
         tied = conf.tie_word_embeddings
         if model.config.vocab_size != layout.vocab_size:
             raise ConfigError([f"checkpoint={cfg.checkpoint!r}: vocabulary {model.config.vocab_size} != "
@@ -191,9 +207,41 @@ def save_model(model: nn.Module, folder: str | os.PathLike, layout: TokenLayout)
     """``save_pretrained`` + the token layout: a folder ``TigerConfig(checkpoint=...)`` starts from."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    getattr(model, "module", model).save_pretrained(folder)
+    with _quiet_hf():
+        getattr(model, "module", model).save_pretrained(folder)
     (folder / LAYOUT_FILE).write_text(json.dumps(layout.to_dict()) + "\n")
     return folder
+
+
+def checkpoint_problem(folder: str | os.PathLike, layout: TokenLayout | None = None) -> str | None:
+    """Why ``folder`` is not a TIGER model :func:`save_model` wrote (for ``layout``), or None.
+
+    Reads ``config.json`` and ``tiger_layout.json`` only (not the weights), so a wrong folder is
+    named before any model is built.
+    """
+    p = Path(folder)
+    fix = "; pass a folder written by a TIGER fine-tune (OUT/model of `dealrec finetune --backend tiger`)"
+    if not p.is_dir():
+        return f"{str(folder)!r} does not exist{fix}" if not p.exists() else f"{str(folder)!r} is a file{fix}"
+    if not (p / "config.json").is_file():
+        return f"no config.json in {str(folder)!r}{fix}"
+    if not any((p / w).is_file() for w in WEIGHT_FILES):
+        return f"no weights ({' or '.join(WEIGHT_FILES[:2])}) in {str(folder)!r}{fix}"
+    try:
+        conf = json.loads((p / "config.json").read_text())
+        saved = json.loads((p / LAYOUT_FILE).read_text()) if (p / LAYOUT_FILE).is_file() else None
+    except (OSError, ValueError) as e:
+        return f"unreadable config in {str(folder)!r} ({e}){fix}"
+    if not isinstance(conf, dict) or conf.get("model_type") != "t5":
+        return f"{str(p / 'config.json')!r} is not a T5 config (model_type {conf.get('model_type') if isinstance(conf, dict) else None!r}){fix}"
+    if layout is not None:
+        if saved is not None and saved != layout.to_dict():
+            return (f"{str(folder)!r} was trained on other semantic ids: its token layout {saved} differs from "
+                    f"{layout.to_dict()} (give the --semantic-ids it was trained with)")
+        if conf.get("vocab_size") != layout.vocab_size:
+            return (f"{str(folder)!r} has a vocabulary of {conf.get('vocab_size')} tokens, these semantic ids "
+                    f"{layout.vocab_size} (give the --semantic-ids it was trained with)")
+    return None
 
 
 def _on(model: nn.Module, batch: dict) -> dict:
