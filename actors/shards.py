@@ -63,10 +63,35 @@ class _PathCarrier:
     back to their file by ``sample_id``.
     """
 
-    def __init__(self, scorer_cls: type, args: tuple, kwargs: dict):
-        self.inner = scorer_cls(*args, **kwargs)
+    def __init__(self, scorer_cls: type, args: tuple, kwargs: dict, heartbeat=None, beat_s: float = 0.0):
+        self._busy = 1  # constructing (model loading) counts as work
+        if heartbeat is not None and beat_s > 0:
+            threading.Thread(target=self._beat, args=(heartbeat, beat_s), daemon=True,
+                             name="dealrec-heartbeat").start()
+        try:
+            self.inner = scorer_cls(*args, **kwargs)
+        finally:
+            self._busy = 0
+
+    def _beat(self, heartbeat, beat_s: float) -> None:
+        # Tell the driver's watchdog "alive and working" while a batch (or start-up) is in
+        # progress: a slow batch on a loaded machine is not a stall.
+        while True:
+            if self._busy:
+                try:
+                    heartbeat.beat.remote()
+                except Exception:  # the driver is gone or the beat actor died: nothing to tell
+                    return
+            time.sleep(beat_s)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self._busy += 1
+        try:
+            return self._call(batch)
+        finally:
+            self._busy -= 1
+
+    def _call(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         paths = batch.pop(PATH_COLUMN)
         ids_in = np.asarray(batch["sample_id"], dtype=np.int64)
         out = self.inner(batch)
@@ -76,6 +101,20 @@ class _PathCarrier:
         out = dict(out)
         out[PATH_COLUMN] = np.asarray(paths)[order[pos]]
         return out
+
+
+class _Heartbeat:
+    """Receives "still working" beats from a pool's actors; the driver asks how long ago."""
+
+    def __init__(self):
+        self.last = None
+
+    def beat(self) -> None:
+        self.last = time.monotonic()
+
+    def age(self) -> float | None:
+        """Seconds since the last beat on this actor's clock (None: never)."""
+        return None if self.last is None else time.monotonic() - self.last
 
 
 def _read_shard(batch: pa.Table, columns: list[str]) -> pa.Table:
@@ -196,9 +235,17 @@ def score_shards(
     ds = ray.data.from_items(todo, override_num_blocks=len(todo)).map_batches(
         _read_shard, fn_kwargs={"columns": list(input_columns)}, batch_size=1, batch_format="pyarrow",
         num_cpus=READ_CPUS, compute=ray.data.TaskPoolStrategy(size=READ_CONCURRENCY))
+    # A beat every few seconds from each busy actor, to a zero-CPU actor (schedulable on any
+    # node, so it cannot itself be starved); the watchdog counts a stall from the later of
+    # the last batch and the last beat.
+    heartbeat = beat_s = None
+    if stall_timeout_s or stall_warn_s:
+        beat_s = max(0.5, min(10.0, *(t / 6 for t in (stall_warn_s, stall_timeout_s) if t)))
+        heartbeat = ray.remote(num_cpus=0)(_Heartbeat).remote()
     ds = ds.map_batches(
         _PathCarrier,
-        fn_constructor_args=(scorer_cls, tuple(constructor_args), dict(constructor_kwargs or {})),
+        fn_constructor_args=(scorer_cls, tuple(constructor_args), dict(constructor_kwargs or {}), heartbeat,
+                             beat_s or 0.0),
         compute=ray.data.ActorPoolStrategy(min_size=min_actors, max_size=max_actors, initial_size=int(num_actors)),
         batch_size=batch_size,
         batch_format="numpy",
@@ -215,40 +262,59 @@ def score_shards(
     # Paths that Ray Data reports may differ in form (e.g. no leading '/'); normalise.
     norm = {os.path.normpath(f).lstrip("/"): f for f in todo}
     batches = _watched(ds.iter_batches(batch_format="numpy", batch_size=None), warn_s=stall_warn_s,
-                       timeout_s=stall_timeout_s, knobs=stall_knobs, name=name, progress=progress)
-    for batch in batches:
-        paths = batch[PATH_COLUMN]
-        for p in np.unique(paths):
-            key = norm.get(os.path.normpath(str(p)).lstrip("/"))
-            if key is None:
-                raise DealrecError(f"[{name}] row from unexpected input path {p!r}")
-            m = paths == p
-            rows = {c: np.asarray(batch[c])[m] for c in output_columns}
-            pending[key].append(rows)
-            before = len(got[key])
-            got[key].update(rows["sample_id"].tolist())
-            done_rows += len(got[key]) - before
-            if len(got[key]) == len(expected[key]):
-                n, d = _write_shard(shard_output_path(out, key), pending.pop(key), expected[key], output_columns)
-                got[key] = set()
-                written += 1
-                rows_written += n
-                dropped += d
-        now = time.perf_counter()
-        if now - last > 10:
-            rate = done_rows / (now - t0)
-            progress(f"[{name}] {done_rows}/{total_rows} samples, {written}/{len(todo)} shards, {rate:.0f} samples/s")
-            last = now
-    if written != len(todo):
-        incomplete = [Path(f).name for f in pending]
-        raise DealrecError(f"[{name}] stream ended with incomplete shards: {incomplete[:5]}")
-    wall = time.perf_counter() - t0
-    progress(f"[{name}] done: {rows_written} samples in {written} shards, {wall:.1f}s"
-             + (f", {dropped} re-delivered rows dropped" if dropped else ""))
-    return ShardRunStats(len(files), skipped, written, rows_written, dropped, wall)
+                       timeout_s=stall_timeout_s, knobs=stall_knobs, name=name, progress=progress,
+                       heartbeat=heartbeat)
+    try:
+        for batch in batches:
+            paths = batch[PATH_COLUMN]
+            for p in np.unique(paths):
+                key = norm.get(os.path.normpath(str(p)).lstrip("/"))
+                if key is None:
+                    raise DealrecError(f"[{name}] row from unexpected input path {p!r}")
+                m = paths == p
+                rows = {c: np.asarray(batch[c])[m] for c in output_columns}
+                pending[key].append(rows)
+                before = len(got[key])
+                got[key].update(rows["sample_id"].tolist())
+                done_rows += len(got[key]) - before
+                if len(got[key]) == len(expected[key]):
+                    n, d = _write_shard(shard_output_path(out, key), pending.pop(key), expected[key], output_columns)
+                    got[key] = set()
+                    written += 1
+                    rows_written += n
+                    dropped += d
+            now = time.perf_counter()
+            if now - last > 10:
+                rate = done_rows / (now - t0)
+                progress(f"[{name}] {done_rows}/{total_rows} samples, {written}/{len(todo)} shards, {rate:.0f} samples/s")
+                last = now
+        if written != len(todo):
+            incomplete = [Path(f).name for f in pending]
+            raise DealrecError(f"[{name}] stream ended with incomplete shards: {incomplete[:5]}")
+        wall = time.perf_counter() - t0
+        progress(f"[{name}] done: {rows_written} samples in {written} shards, {wall:.1f}s"
+                 + (f", {dropped} re-delivered rows dropped" if dropped else ""))
+        return ShardRunStats(len(files), skipped, written, rows_written, dropped, wall)
+    finally:
+        if heartbeat is not None:
+            try:
+                ray.kill(heartbeat)
+            except Exception:  # already gone
+                pass
 
 
-def _watched(it, *, warn_s: float, timeout_s: float, knobs: str, name: str, progress: Callable[[str], None]):
+def _beat_age(heartbeat) -> float | None:
+    """Seconds since any actor of the pool last said it was working (None: never or unknown)."""
+    if heartbeat is None:
+        return None
+    try:
+        return ray.get(heartbeat.age.remote(), timeout=10)
+    except Exception:  # the beat actor is unreachable: fall back to batches alone
+        return None
+
+
+def _watched(it, *, warn_s: float, timeout_s: float, knobs: str, name: str, progress: Callable[[str], None],
+             heartbeat=None):
     """Yield from ``it`` (consumed in a thread) and watch for stalls.
 
     A Ray Data stream that cannot schedule its tasks blocks ``next()`` forever without a
@@ -280,16 +346,23 @@ def _watched(it, *, warn_s: float, timeout_s: float, knobs: str, name: str, prog
         except queue.Empty:
             now = time.monotonic()
             idle = now - last
+            first = min(t for t in (warn_s, timeout_s) if t)
+            if idle < first:
+                continue
+            age = _beat_age(heartbeat)
+            if age is not None:
+                idle = min(idle, age)  # an actor is busy (or loading its model): slow, not stalled
             if timeout_s and idle >= timeout_s:
                 diag = _diagnosis(name)
                 raise StallError(
-                    f"[{name}] no batch scored for {idle:.0f}s (stall timeout {timeout_s:g}s): the stage is waiting "
-                    f"for resources it cannot get or for actors that do not start.\n{diag}\nChange: {knobs or 'the pool size'}"
+                    f"[{name}] no batch scored for {idle:.0f}s and no actor working (stall timeout {timeout_s:g}s): "
+                    f"the stage is waiting for resources it cannot get or for actors that do not start.\n{diag}\n"
+                    f"Change: {knobs or 'the pool size'}"
                     " (smaller or fewer actors, or more nodes), or raise the stall timeout (0 = wait forever)")
-            if warn_s and now - last_warn >= warn_s:
+            if warn_s and idle >= warn_s and now - last_warn >= warn_s:
                 last_warn = now
-                progress(f"[{name}] WARNING: no batch scored for {idle:.0f}s; fails after {timeout_s:g}s "
-                         f"({knobs or 'stall timeout'}).\n{_diagnosis(name)}")
+                progress(f"[{name}] WARNING: no batch scored for {idle:.0f}s and no actor working; fails after "
+                         f"{timeout_s:g}s ({knobs or 'stall timeout'}).\n{_diagnosis(name)}")
             continue
         if err is not None:
             raise err

@@ -18,24 +18,10 @@ import pytest
 from engine.daily import STATUS, diff_days, read_sample_keys
 from engine.errors import ConfigError
 from tests.e2e.conftest import start_and_kill_after_shards
+from tests.e2e.test_prune_job import FAST, run_job
+
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 ROOT = Path(__file__).resolve().parents[2]
-# as tests/e2e/test_prune_job.py (not imported from it: kronfluence's wheel installs a top-level
-# `tests` package that shadows this repository's `tests` namespace)
-FAST = ["--surrogate-epochs", "2", "--ihvp-max-iter", "10", "--influence-actors", "1", "--effort-actors", "1",
-        "--effort-batch-size", "16", "--influence-batch-size", "32"]
-
-
-def run_job(data, out, *extra, cache):
-    import argparse
-
-    from jobs.prune import add_arguments, config_from_args, run_prune
-
-    p = argparse.ArgumentParser()
-    add_arguments(p)
-    cfg = config_from_args(p.parse_args(["--data", str(data), "--out", str(out), *FAST, "--llm-cache", str(cache),
-                                         *extra]))
-    return run_prune(cfg, log=lambda m: None)
 BUDGET = ("--budget", "40")
 
 

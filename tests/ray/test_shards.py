@@ -73,3 +73,41 @@ def test_resume_skips_finished_shards(ray_cluster, sharded, tmp_path):
     np.testing.assert_allclose(read_shards(files, tmp_path).column("score").to_numpy(), expected(hist, 1.0))
     st = score_shards(files, tmp_path, ReversingScorer, **kw)
     assert st.shards_written == 0 and st.shards_skipped == 6
+
+
+class SlowScorer(ReversingScorer):
+    """Each batch takes longer than the stall timeout, but the actor is alive and working."""
+
+    def __call__(self, batch):
+        import time
+
+        time.sleep(8.0)
+        return super().__call__(batch)
+
+
+def test_slow_live_batches_are_not_stalls(ray_cluster, sharded, tmp_path):
+    """A batch slower than the stall timeout is not a stall while its actor beats (it was: #18 pool-8000 run).
+
+    The timeout (6 s) is above a worker process's start (before __init__ runs, nothing can beat)."""
+    from actors.shards import read_shards, score_shards
+
+    root, hist = sharded
+    files = sample_files(root)[:2]
+    msgs = []
+    st = score_shards(files, tmp_path, SlowScorer, constructor_args=(0.0,), output_columns=("sample_id", "score"),
+                      batch_size=100, num_actors=1, num_cpus=0.5, stall_warn_s=0, stall_timeout_s=6.0,
+                      progress=msgs.append)
+    assert st.shards_written == 2
+    np.testing.assert_allclose(read_shards(files, tmp_path).column("score").to_numpy(), expected(hist, 0.0)[:74])
+
+
+def test_pool_that_cannot_start_still_fails_as_a_stall(ray_cluster, sharded, tmp_path):
+    """No actor can be placed (more CPUs than the cluster has): no beats, so the watchdog fires."""
+    from actors.shards import StallError, score_shards
+
+    root, _ = sharded
+    with pytest.raises(StallError, match="no batch scored for .* and no actor working"):
+        score_shards(sample_files(root)[:1], tmp_path, ReversingScorer, constructor_args=(0.0,),
+                     output_columns=("sample_id", "score"), num_actors=1, num_cpus=64, stall_warn_s=0,
+                     stall_timeout_s=3.0, stall_knobs="--effort-cpus", progress=lambda m: None)
+    assert not list(tmp_path.glob("*.parquet"))
