@@ -10,8 +10,10 @@ per-user bootstrap vs random, DEALRec's component table). Default backend: ``tex
 offline MiniLM recommender, which needs no GPU).
 
 Rows: every selector (random, grand, el2n, ccs, dealrec, influence-only, effort-only, greedy),
-``dealrec-align`` (dealrec on the plain gradient alignment g_bar . grad L_s / n: a second prune
-run with ``--solver identity`` on the same surrogate, copied), ``zero-shot`` (no fine-tune) and
+dealrec on another influence term, each a second prune run on the same surrogate (copied):
+``dealrec-align`` (the plain gradient alignment g_bar . grad L_s / n, ``--solver identity``),
+``dealrec-valid`` (``--influence-target valid``) and ``dealrec-llm`` (``--influence-source llm``,
+the LoRA gradient dotted with the validation gradient u), ``zero-shot`` (no fine-tune) and
 ``full-data`` (every candidate, the same epochs or the median wall time of that seed's subset
 runs: ``--full-data epochs|walltime|skip``). ``--pool N`` runs everything on a seeded pool of N
 candidate samples (a prepared folder of just those samples, same catalogue and periods).
@@ -21,7 +23,8 @@ unless ``--overwrite``)::
 
     bench.json        config + fingerprint
     pool-data/        the pool's prepared folder (with --pool)
-    prune/            the prune run (scores.parquet, manifest, report); prune-align/ for dealrec-align
+    prune/            the prune run (scores.parquet, manifest, report); prune-align/, prune-valid/,
+                      prune-llm/ for the variant rows; score-cache/ (effort, shared by them)
     tune/             the Ray Tune search (with --tune-lam / --tune-groups)
     runs/METHOD__seedS/   selected.parquet, the fine-tune (adapter/, finetune.json), metrics-test.json,
                           metrics-valid.json and their per-user npz
@@ -57,12 +60,19 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from engine.compare import ALIGN, FULL_DATA, REFERENCE, ZERO_SHOT, MethodRuns  # noqa: E402
+from engine.compare import ALIGN, FULL_DATA, LLM_INFLUENCE, REFERENCE, VALID_TARGET, ZERO_SHOT, MethodRuns  # noqa: E402
 from engine.config import stable_hash, versions  # noqa: E402
 from engine.errors import ConfigError, DealrecError, ResumeError, check  # noqa: E402
 from engine.selection import METHODS, REQUIRED_SCORES, SelectionConfig, select  # noqa: E402
 
-BENCH_METHODS = (*METHODS, ALIGN)
+#: rows that are dealrec on another influence term: a second prune run (folder, extra options) on
+#: a copy of the same surrogate, its ``influence`` column read in place of the main run's. The
+#: LLM-side one recomputes the effort pass (it emits llm_influence beside effort); effort itself
+#: comes from the score cache beside the runs (OUT/score-cache), computed once.
+VARIANTS = {ALIGN: ("prune-align", ["--solver", "identity"]),
+            VALID_TARGET: ("prune-valid", ["--influence-target", "valid"]),
+            LLM_INFLUENCE: ("prune-llm", ["--influence-source", "llm"])}
+BENCH_METHODS = (*METHODS, *VARIANTS)
 TABLE_METRICS = ("recall@10", "ndcg@10", "recall@20", "ndcg@20")
 PLOT_METRIC = "ndcg@20"
 #: options that do not change any result (seeds and methods may grow between invocations)
@@ -153,31 +163,15 @@ def start(a) -> Path:
 
 
 def pool_folder(data: Path, out: Path, pool: int) -> Path:
-    """A prepared folder holding a seeded pool of ``pool`` samples (same items and periods)."""
-    from engine.data.schema import PreparedWriter, atomic_dir, read_items, read_samples, read_split
+    """OUT/pool-data: a prepared folder of a seeded pool of ``pool`` samples (same items and periods)."""
+    from engine.data.synthetic import write_sample_pool
 
-    dst = out / "pool-data"
-    if (dst / "meta.json").exists():
-        return dst
-    s = read_samples(data)
-    ids = np.sort(np.random.default_rng([pool, 0x9001]).choice(s.num_rows, size=min(pool, s.num_rows), replace=False))
-    s = s.take(pa.array(ids))
-    items = read_items(data)
-    with atomic_dir(dst, overwrite=True) as tmp:
-        w = PreparedWriter(tmp)
-        w.add_samples(s.column("user_id").to_pylist(), s.column("history").to_pylist(), s.column("target").to_pylist())
-        w.write_items(items.column("item_id").to_numpy(), items.column("title").to_pylist())
-        for split in ("valid", "test"):
-            t = read_split(data, split)
-            w.write_split(split, t.column("user_id").to_pylist(), t.column("history").to_pylist(),
-                          t.column("targets").to_pylist())
-        w.close({"source": f"seeded pool of {len(ids)} samples of {data}"})
-    return dst
+    return write_sample_pool(data, out / "pool-data", pool, seed=0x9001)
 
 
 def prune(a, data: Path, out: Path) -> Path:
-    """``dealrec prune --backend B`` (influence, GraNd, EL2N, effort); with dealrec-align, a second run
-    on a copy of the same surrogate with ``--solver identity`` (no effort: influence-only)."""
+    """``dealrec prune --backend B`` (influence, GraNd, EL2N, effort); per variant row asked for, a
+    second run (influence-only, no effort) on a copy of the same surrogate with the variant's options."""
     def argv(run: Path, method: str) -> list:
         return ["--data", data, "--out", run, "--backend", a.backend, "--prompt", a.prompt, "--method", method,
                 "--lam", a.lam, "--groups", a.groups, "--hard-prune", a.hard_prune, "--seed", a.seeds[0],
@@ -186,14 +180,22 @@ def prune(a, data: Path, out: Path) -> Path:
 
     if not (out / "prune" / "scores.parquet").exists():
         job("prune", [*argv(out / "prune", "dealrec"), "--baseline-scores", "el2n", "grand"])
-    if ALIGN in a.methods and not (out / "prune-align" / "scores.parquet").exists():
-        (out / "prune-align").mkdir(exist_ok=True)  # the same surrogate: its stage is done, v and influence redone
-        for d in ("surrogate", "shards/effort"):
-            if (out / "prune" / d).is_dir():
-                shutil.copytree(out / "prune" / d, out / "prune-align" / d, dirs_exist_ok=True)
-        shutil.copy(out / "prune" / "manifest.json", out / "prune-align" / "manifest.json")
-        job("prune", [*argv(out / "prune-align", "influence-only"), "--solver", "identity", "--overwrite"])
+    for name, (folder, extra) in VARIANTS.items():
+        run = out / folder
+        if name not in a.methods or (run / "scores.parquet").exists():
+            continue
+        run.mkdir(exist_ok=True)  # the same surrogate: its stage is done; v and influence are redone
+        shutil.copytree(out / "prune" / "surrogate", run / "surrogate", dirs_exist_ok=True)
+        shutil.copy(out / "prune" / "manifest.json", run / "manifest.json")
+        job("prune", [*argv(run, "influence-only"), *extra, "--score-cache", out / "score-cache", "--overwrite"])
     return out / "prune"
+
+
+def variant_scores(out: Path, name: str, n: int) -> np.ndarray:
+    """The influence column of a variant row's prune run."""
+    from engine.scores import read_scores
+
+    return read_scores(out / VARIANTS[name][0], n)["influence"]
 
 
 def selection_config(a, out: Path) -> SelectionConfig:
@@ -244,8 +246,7 @@ def run_benchmark(a, *, log=print) -> dict:
 
     n = check_samples(data, n_items=read_items(data).num_rows)
     scores = read_scores(out / "prune", n)
-    if ALIGN in a.methods:
-        scores["alignment"] = read_scores(out / "prune-align", n)["influence"]
+    variant = {m: variant_scores(out, m, n) for m in a.methods if m in VARIANTS}
     sel = selection_config(a, out)
     plan = ([(ZERO_SHOT, a.seeds[0])] if not a.no_zero_shot else []) + \
         [(m, s) for s in a.seeds for m in a.methods] + ([(FULL_DATA, s) for s in a.seeds] if a.full_data != "skip" else [])
@@ -261,8 +262,8 @@ def run_benchmark(a, *, log=print) -> dict:
             budget = float(np.median([s for s in secs if s])) if a.full_data == "walltime" and any(secs) else None
             finetune_and_evaluate(a, data, run, seed, selected=None, epochs=a.epochs, time_budget_s=budget)
         else:
-            method = "dealrec" if name == ALIGN else name
-            s_in = {**scores, "influence": scores["alignment"]} if name == ALIGN else scores
+            method = "dealrec" if name in VARIANTS else name
+            s_in = {**scores, "influence": variant[name]} if name in VARIANTS else scores
             missing = [c for c in REQUIRED_SCORES[method] if c not in s_in]
             if missing:
                 raise DealrecError(f"{name} needs score column(s) {missing}, absent from {out / 'prune'}")
@@ -326,7 +327,13 @@ def write_table(a, out: Path, sel: SelectionConfig, *, log=print) -> dict:
                 f"{sel.groups}, hard prune {sel.hard_prune}" + (" (tuned: tune/best_config.json)" if a.tune_lam else "")
                 + f"; full-data {a.full_data}. Mean ± std over seeds; Δ vs random with a 95% paired per-user "
                 f"bootstrap CI (users resampled jointly across seeds, {a.n_boot} resamples) and its two-sided p.", ""])
-        md += compare.markdown_rows(rows[split], TABLE_METRICS) + compare.markdown_components(comp, TABLE_METRICS) + [""]
+        md += compare.markdown_rows(rows[split], TABLE_METRICS) + compare.markdown_components(comp, TABLE_METRICS)
+        for v in (m for m in a.methods if m in VARIANTS):  # each variant's influence term, and vs dealrec
+            vs = compare.component_rows(runs, TABLE_METRICS, target=v, n_boot=a.n_boot,
+                                        ablations=(("effort-only", "its influence term"),
+                                                   ("dealrec", "its influence vs the default (iHVP, train target)")))
+            md += compare.markdown_components(vs, TABLE_METRICS, target=v)
+        md += [""]
     (out / "table.md").write_text("\n".join(md) + "\n")
     flat = compare.csv_rows(rows, metrics)
     with open(out / "table.csv", "w", newline="") as f:
@@ -341,30 +348,13 @@ def write_table(a, out: Path, sel: SelectionConfig, *, log=print) -> dict:
 
 def tiny_args(a) -> None:
     """--dry-run-tiny: a learnable synthetic set (users stay within one genre) and a tiny BERT."""
-    from engine.data.schema import PreparedWriter, atomic_dir
+    from engine.data.synthetic import write_genre_toy
     from engine.llm.bigrec.prompts import PROMPTS
     from engine.llm.textrec import build_tiny_encoder
 
     root = Path(a.out) / "tiny"
-    titles = [f"{g} {w}" for g in ("Quest", "Racer", "Arena", "Puzzle") for w in
-              ("Alpha", "Bravo", "Delta", "Echo", "Omega", "Nova", "Zen", "Storm", "Ridge", "Vale", "Lunar", "Prime",
-               "Rogue", "Titan", "Ember")]
     data, enc = root / "data", root / "encoder"
-    if not (data / "meta.json").exists():
-        rng = np.random.default_rng(0)
-        rows = []
-        for u in range(160):
-            g = int(rng.integers(0, 4))
-            p = rng.permutation(np.arange(g * 15, g * 15 + 15))
-            k = int(rng.integers(2, 6))
-            rows.append((f"u{u}", p[:k].tolist(), int(p[k]), p[:k + 1].tolist(), p[k + 1:k + 3].tolist()))
-        with atomic_dir(data, overwrite=True) as tmp:
-            w = PreparedWriter(tmp, rows_per_file=64)
-            w.add_samples([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows])
-            w.write_items(np.arange(len(titles)), titles)
-            w.write_split("valid", [r[0] for r in rows], [r[1] for r in rows], [[r[2]] for r in rows])
-            w.write_split("test", [r[0] for r in rows], [r[3] for r in rows], [r[4] for r in rows])
-            w.close({"source": "selection_quality tiny"})
+    titles = write_genre_toy(data)
     if not (enc / "config.json").exists():
         build_tiny_encoder(enc, titles * 3 + [PROMPTS["games"].input_prefix] * 3, seed=0)
     a.data, a.textrec_model, a.backend = str(data), str(enc), "textrec"

@@ -29,11 +29,13 @@ import numpy as np
 from engine.bootstrap import seed_pooled
 from engine.errors import DealrecError
 
-__all__ = ["MethodRuns", "ABLATIONS", "REFERENCE", "ALIGN", "FULL_DATA", "ZERO_SHOT", "method_rows",
+__all__ = ["MethodRuns", "ABLATIONS", "REFERENCE", "ALIGN", "VALID_TARGET", "LLM_INFLUENCE", "FULL_DATA", "ZERO_SHOT",
+           "method_rows",
            "component_rows", "markdown_rows", "markdown_components", "csv_rows", "plot_rows"]
 
 REFERENCE = "random"
 ALIGN = "dealrec-align"
+VALID_TARGET, LLM_INFLUENCE = "dealrec-valid", "dealrec-llm"
 ZERO_SHOT, FULL_DATA = "zero-shot", "full-data"
 
 #: which part of DEALRec each row removes (full-data: the selection itself): dealrec vs that row, paired

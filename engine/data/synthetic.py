@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.data.layout import META_FILE
-from engine.data.writer import PreparedWriter
+from engine.data.writer import PreparedWriter, atomic_dir
 from engine.data.segments import add_counts, write_user_segments
 
 __all__ = ["CHUNK_USERS", "SyntheticSpec", "generate_synthetic", "make_catalog"]
@@ -323,3 +323,59 @@ def generate_synthetic(
     }
     writer.close(meta)
     return json.loads((Path(root) / META_FILE).read_text())
+
+
+def write_genre_toy(out: Path, *, users: int = 160, seed: int = 0) -> list[str]:
+    """A tiny learnable prepared folder (the selection-quality benchmark's ``--dry-run-tiny``).
+
+    60 items in 4 genres of 15 titles; each user stays within one genre: a history of 2-5 items,
+    the next as the training target and the validation item, two more as test targets. Written
+    once (kept when ``out/meta.json`` exists). Returns the titles, by item id.
+    """
+    titles = [f"{g} {w}" for g in ("Quest", "Racer", "Arena", "Puzzle") for w in
+              ("Alpha", "Bravo", "Delta", "Echo", "Omega", "Nova", "Zen", "Storm", "Ridge", "Vale", "Lunar", "Prime",
+               "Rogue", "Titan", "Ember")]
+    out = Path(out)
+    if (out / "meta.json").exists():
+        return titles
+    rng = np.random.default_rng(seed)
+    rows = []
+    for u in range(users):
+        g = int(rng.integers(0, 4))
+        p = rng.permutation(np.arange(g * 15, g * 15 + 15))
+        k = int(rng.integers(2, 6))
+        rows.append((f"u{u}", p[:k].tolist(), int(p[k]), p[:k + 1].tolist(), p[k + 1:k + 3].tolist()))
+    with atomic_dir(out, overwrite=True) as tmp:
+        w = PreparedWriter(tmp, rows_per_file=64)
+        w.add_samples([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows])
+        w.write_items(np.arange(len(titles)), titles)
+        w.write_split("valid", [r[0] for r in rows], [r[1] for r in rows], [[r[2]] for r in rows])
+        w.write_split("test", [r[0] for r in rows], [r[3] for r in rows], [r[4] for r in rows])
+        w.close({"source": "selection_quality tiny"})
+    return titles
+
+
+def write_sample_pool(data: Path, out: Path, n: int, *, seed: int) -> Path:
+    """A prepared folder of a seeded draw of ``n`` of ``data``'s samples (every one if fewer), with
+    the same items and validation / test periods; written once (kept when ``out/meta.json`` exists)."""
+    import pyarrow as pa
+
+    from engine.data.schema import read_items, read_samples, read_split
+
+    out = Path(out)
+    if (out / "meta.json").exists():
+        return out
+    s = read_samples(data)
+    ids = np.sort(np.random.default_rng([n, seed]).choice(s.num_rows, size=min(n, s.num_rows), replace=False))
+    s = s.take(pa.array(ids))
+    items = read_items(data)
+    with atomic_dir(out, overwrite=True) as tmp:
+        w = PreparedWriter(tmp)
+        w.add_samples(s.column("user_id").to_pylist(), s.column("history").to_pylist(), s.column("target").to_pylist())
+        w.write_items(items.column("item_id").to_numpy(), items.column("title").to_pylist())
+        for split in ("valid", "test"):
+            t = read_split(data, split)
+            w.write_split(split, t.column("user_id").to_pylist(), t.column("history").to_pylist(),
+                          t.column("targets").to_pylist())
+        w.close({"source": f"seeded pool of {len(ids)} samples of {data}"})
+    return out

@@ -2,8 +2,8 @@
 
 The fast tests check its validation, its resume rule and its table from hand-made per-user files
 (what `dealrec evaluate` writes); the slow test runs --dry-run-tiny end to end (prune with the
-textrec backend, a second prune with --solver identity for dealrec-align, finetune, evaluate,
-table) and its resume.
+textrec backend, second prunes for dealrec-align / dealrec-valid / dealrec-llm, finetune,
+evaluate, table) and its resume.
 """
 
 from __future__ import annotations
@@ -95,20 +95,47 @@ def test_table_from_per_user_files(tmp_path):
         sq.write_table(a, out, sq.SelectionConfig(budget=8, lam=0.3, groups=5))
 
 
+def test_variant_rows_get_their_influence_term_tested(tmp_path):
+    a = _args(tmp_path, "--methods", "random", "dealrec", "effort-only", "dealrec-valid", "--seeds", "0", "1",
+              "--full-data", "skip", "--n-boot", "200", "--no-valid", "--no-zero-shot")
+    out = sq.start(a)
+    rng = np.random.default_rng(1)
+    users = np.array([f"u{i}" for i in range(40)])
+    base = rng.random(40)
+    for name, shift in (("random", 0.0), ("dealrec", 0.05), ("effort-only", 0.05), ("dealrec-valid", 0.2)):
+        for s in (0, 1):
+            run = out / "runs" / f"{name}__seed{s}"
+            run.mkdir(parents=True)
+            np.savez(run / "metrics-test.per_user.npz", user_ids=users,
+                     **{f"{m}@{k}": np.clip(base + shift + 0.01 * rng.standard_normal(40), 0, 1)
+                        for m in ("recall", "ndcg") for k in (5, 10, 20, 50)})
+            (run / "finetune.json").write_text(json.dumps({"n_train": 8, "epochs_done": 3}))
+    md = sq.write_table(a, out, sq.SelectionConfig(budget=8, lam=0.3, groups=5))["markdown"]
+    # the variant against effort-only (its influence term) and against dealrec, as a component table
+    assert "| dealrec-valid vs |" in md
+    line = next(x for x in md.splitlines() if x.startswith("| effort-only | its influence term"))
+    assert "+" in line.split("|")[4] and "(p=0.0" in line.split("|")[4]
+    assert "| dealrec | its influence vs the default" in md
+    assert sq.VARIANTS["dealrec-valid"] == ("prune-valid", ["--influence-target", "valid"])
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_dry_run_tiny_end_to_end_and_resume(tmp_path):
     out = tmp_path / "sq"
-    argv = ["--dry-run-tiny", "--out", str(out), "--methods", "random", "dealrec", "dealrec-align", "--seeds", "0",
-            "--full-data", "epochs"]
+    argv = ["--dry-run-tiny", "--out", str(out), "--methods", "random", "dealrec", "dealrec-align", "dealrec-valid",
+            "dealrec-llm", "--seeds", "0", "--full-data", "epochs"]
     assert sq.main(argv) == 0
-    for name in ("random", "dealrec", "dealrec-align", "full-data", "zero-shot"):
+    for name in ("random", "dealrec", "dealrec-align", "dealrec-valid", "dealrec-llm", "full-data", "zero-shot"):
         run = out / "runs" / f"{name}__seed0"
         assert (run / "metrics-test.json").exists() and (run / "metrics-valid.per_user.npz").exists(), name
     man = json.loads((out / "prune" / "manifest.json").read_text())
     assert man["backend"]["name"] == "textrec"
     align = json.loads((out / "prune-align" / "manifest.json").read_text())
     assert align["config"]["influence"]["solver"] == "identity"
+    valid = json.loads((out / "prune-valid" / "manifest.json").read_text())
+    assert valid["influence_target"]["surrogate"] == "valid"
+    assert json.loads((out / "prune-llm" / "manifest.json").read_text())["influence_source"] == "llm"
     md = (out / "table.md").read_text()
     assert "| dealrec-align |" in md and "## Validation period" in md
     stamp = (out / "runs" / "dealrec__seed0" / "finetune.json").stat().st_mtime_ns
