@@ -24,7 +24,7 @@ demo: $(STAMP)
 	bash jobs/demo.sh
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=25 tests
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow tests

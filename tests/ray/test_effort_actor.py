@@ -147,4 +147,6 @@ def test_llm_influence_in_process_is_the_engine_and_u_comes_from_one_task(ray_cl
         task = ray.remote(num_cpus=1)(llm_valid_direction)
         u_task = ray.get(task.remote(name, options, ray.put(TITLES), validation_pairs(rows, id_offset=N),
                                      micro_batch_size=2, threads=1))
-        np.testing.assert_allclose(u_task, u, rtol=1e-5, atol=1e-7 * np.abs(u).max())
+        # float32 gradients: the task runs one torch thread, the driver its default count, so the
+        # matmul reductions are summed in another order (CI saw |diff| <= 2.4e-6 * max|u|).
+        np.testing.assert_allclose(u_task, u, rtol=1e-4, atol=2e-5 * np.abs(u).max())
