@@ -2,7 +2,9 @@
 
 LoRA dropout is 0, so every run is a deterministic function of the config and the strategies can
 be compared (up to float rounding: ranks sum gradients in another order). The default tier runs
-the local run (no Ray) and one interrupted + resumed DeepSpeed run; DDP and ZeRO-3 are slow-tier.
+the local run (no Ray) only: the interrupted + resumed DeepSpeed run, DDP and ZeRO-3 are slow-tier
+(the generic loop's DeepSpeed path stays in the default tier through test_finetune_textrec and
+test_finetune_tiger).
 The first DeepSpeed initialisation on a machine compiles its shared-memory comm op (~30-60 s,
 cached in ~/.cache/torch_extensions); later Ray Train runs take ~20-30 s each on an idle 2-core
 machine (minutes when it is shared).
@@ -173,6 +175,7 @@ def deepspeed_run(ray_cluster, data, cache, tmp_path_factory):
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # ~85 s; the default tier keeps DeepSpeed through test_finetune_textrec / test_finetune_tiger
 @pytest.mark.timeout(900)
 def test_deepspeed_resumes_and_trains_the_local_adapter(deepspeed_run, local):
     first, final = deepspeed_run["first"], deepspeed_run["final"]

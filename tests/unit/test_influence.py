@@ -267,6 +267,7 @@ def test_compile_of_a_loss_with_data_dependent_shapes_is_a_clear_error(tiny):
         compiled(tiny["batches"][0])
 
 
+@pytest.mark.slow  # ~31 s of torch.compile on 2 cores
 def test_compiled_scoring_pads_to_few_shapes_and_keeps_the_values():
     """score_surrogate_batch with a compiled pass (the actors' path) on the prune job's default
     loss (sampled softmax): padded micro-batches, values of the eager path in input order."""
