@@ -6,26 +6,14 @@ tests/e2e/test_prune_update.py.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-
-def _load():
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "daily.py"
-    spec = importlib.util.spec_from_file_location("daily_bench", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("daily_bench", mod)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-daily = _load()
+from benchmarks import daily  # benchmarks/ is a namespace package from the repository root
 
 
 def _samples(rows):
