@@ -268,4 +268,7 @@ def effort_cache_config(backend: str, options: Mapping[str, Any], *, catalogue: 
         cfg = {"config": tc, "negatives_seeded_by": "sample_key"}
     else:
         cfg = {"options": opts}
-    return {"backend": backend, **cfg, "catalogue": catalogue, "device_kind": device_kind}
+    from engine.effort.batching import BATCHING_KEY
+
+    # the micro-batching decides float rounding (engine.effort.batching): another one is another key
+    return {"backend": backend, **cfg, "catalogue": catalogue, "device_kind": device_kind, "batching": BATCHING_KEY}

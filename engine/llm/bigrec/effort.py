@@ -1,8 +1,10 @@
 """BIGRec effort: tokenise samples as prompts and score them with the generic batched engine.
 
-:func:`score_effort_batch` is the BIGRec backend's effort pass: samples are sorted by token
-length and cut into micro-batches of similar length (little padding), and each micro-batch goes
-through :func:`engine.effort.per_sample_grad_norms` with the per-sample causal-LM loss.
+:func:`score_effort_batch` is the BIGRec backend's effort pass: samples are grouped by their
+token length rounded up to a multiple of 16 and each group is cut into micro-batches padded to
+that length (:mod:`engine.effort.batching`: a sample's score does not depend on its neighbours),
+and each micro-batch goes through :func:`engine.effort.per_sample_grad_norms` with the
+per-sample causal-LM loss.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import numpy as np
 from torch import nn
 
 from engine.effort import per_sample_grad_norms
+from engine.effort.batching import canonical_micro_batches
 from engine.llm.bigrec.prompts import PromptConfig, collate, encode_sample, per_sample_causal_lm_loss
 
 __all__ = ["encode_effort_samples", "score_effort_batch"]
@@ -42,8 +45,9 @@ def score_effort_batch(model: nn.Module, tokenizer, titles: Sequence[str], histo
                        targets: Sequence[int], prompt_cfg: PromptConfig, micro_batch_size: int = 16) -> np.ndarray:
     """Effort scores of a batch of samples, in input order.
 
-    Rows are sorted by token length and cut into micro-batches of similar length (little
-    padding); scores do not depend on this grouping (each sample's loss ignores padding).
+    Rows are grouped by padded token length (:func:`engine.effort.batching.canonical_micro_batches`)
+    and cut into micro-batches; a row's score depends only on the row (and, on a GPU, possibly
+    on the micro-batch size), never on which rows share its batch.
 
     Args:
         model: the LoRA LLM (``engine.llm.load_llm``); its trainable parameters define the norm.
@@ -69,11 +73,9 @@ def score_effort_batch(model: nn.Module, tokenizer, titles: Sequence[str], histo
     if n == 0:
         return out
     enc = encode_effort_samples(tokenizer, titles, histories, targets, prompt_cfg)
-    order = np.argsort(np.array([len(e["input_ids"]) for e in enc]), kind="stable")
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    for s in range(0, n, micro_batch_size):
-        idx = order[s:s + micro_batch_size]
-        batch = {k: v.to(device) for k, v in collate([enc[i] for i in idx], pad).items()}
+    for idx, (length,) in canonical_micro_batches([len(e["input_ids"]) for e in enc], micro_batch_size):
+        batch = {k: v.to(device) for k, v in collate([enc[i] for i in idx], pad, length).items()}
         out[idx] = per_sample_grad_norms(model, per_sample_causal_lm_loss, batch).double().cpu().numpy()
     return out

@@ -306,12 +306,13 @@ def encode_prompt(tokenizer, history_titles: Sequence[str], cfg: PromptConfig, *
     return ids(k) if k >= 0 else ids(0)[:limit]
 
 
-def collate(encoded: Sequence[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+def collate(encoded: Sequence[dict], pad_token_id: int, length: int | None = None) -> dict[str, torch.Tensor]:
     """Right-pad encoded samples into a batch.
 
     Args:
         encoded: dicts with ``input_ids`` and ``labels`` (as from :func:`encode_sample`).
         pad_token_id: id written into padded positions.
+        length: pad to this many positions (default: the longest sample; never shorter than it).
 
     Returns:
         ``input_ids``, ``attention_mask`` and ``labels`` as LongTensors [B, T]; labels are -100
@@ -319,7 +320,7 @@ def collate(encoded: Sequence[dict], pad_token_id: int) -> dict[str, torch.Tenso
     """
     if len(encoded) == 0:
         raise ValueError("collate needs at least one sample")
-    T = max(len(e["input_ids"]) for e in encoded)
+    T = max(max(len(e["input_ids"]) for e in encoded), int(length or 0))
     B = len(encoded)
     input_ids = torch.full((B, T), int(pad_token_id), dtype=torch.long)
     attention = torch.zeros((B, T), dtype=torch.long)

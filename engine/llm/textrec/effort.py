@@ -1,12 +1,13 @@
-"""Effort of each sample: the LoRA gradient norm of its fixed-negatives loss."""
+"""Effort of each sample: the LoRA gradient norm of its fixed-negatives loss (canonical micro-batches)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from engine.llm.textrec.losses import collate_effort, per_sample_loss
+from engine.effort.batching import canonical_micro_batches
+from engine.llm.textrec.losses import effort_lengths, effort_tokens, pad_effort, per_sample_loss
 from engine.llm.textrec.model import TextRecModel
-from engine.llm.textrec.text import _as_catalogue, _columns, _to
+from engine.llm.textrec.text import _as_catalogue, _columns, _pad_id, _to
 
 
 def effort_scores(model: TextRecModel, titles, samples, *, micro_batch: int = 16) -> np.ndarray:
@@ -16,7 +17,8 @@ def effort_scores(model: TextRecModel, titles, samples, *, micro_batch: int = 16
         model: the (pretrained, not fine-tuned) :class:`TextRecModel`.
         titles: :class:`Catalogue` or the item titles.
         samples: samples Table or dict of ``sample_id``/``history``/``target`` columns.
-        micro_batch: samples per forward/backward (scores do not depend on it).
+        micro_batch: samples per forward/backward. Samples are grouped by padded lengths
+            (:mod:`engine.effort.batching`): a score does not depend on the other samples.
 
     Returns:
         float64 array [n], in input order.
@@ -29,8 +31,11 @@ def effort_scores(model: TextRecModel, titles, samples, *, micro_batch: int = 16
     sid, hist, tgt = _columns(samples)
     dev = next(model.parameters()).device
     out = np.zeros(len(tgt), dtype=np.float64)
-    for s in range(0, len(tgt), micro_batch):
-        b = _to(collate_effort(model.tokenizer, cat, sid[s:s + micro_batch], hist[s:s + micro_batch],
-                               tgt[s:s + micro_batch], model.cfg), dev)
-        out[s:s + len(b["sample_ids"])] = per_sample_grad_norms(model, per_sample_loss, b).double().cpu().numpy()
+    if len(tgt) == 0:
+        return out
+    tokens = effort_tokens(model.tokenizer, cat, sid, hist, tgt, model.cfg)
+    pad = _pad_id(model.tokenizer)
+    for idx, key in canonical_micro_batches(effort_lengths(tokens), micro_batch):
+        b = _to(pad_effort(tokens, idx, pad, key), dev)
+        out[idx] = per_sample_grad_norms(model, per_sample_loss, b).double().cpu().numpy()
     return out

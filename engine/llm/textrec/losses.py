@@ -55,6 +55,53 @@ def sample_negatives(sample_id: int, target: int, history: Sequence[int], catalo
     return np.asarray(out + [-1] * (n - len(out)), dtype=np.int64)
 
 
+def effort_tokens(tokenizer, catalogue: Catalogue | Sequence[str], sample_ids: Sequence[int],
+                  histories: Sequence[Sequence[int]], targets: Sequence[int], cfg: TextRecConfig) -> dict:
+    """The unpadded token lists of :func:`collate_effort`: ``user`` [B] lists, ``items`` [B][S]
+    lists (slot 0 = target, then the fixed negatives; a filler text for padding slots) and
+    ``valid`` bool [B, S]. :func:`pad_effort` makes the batch."""
+    cat = _as_catalogue(catalogue)
+    B = len(targets)
+    if not (len(sample_ids) == len(histories) == B):
+        raise ValueError(f"sample_ids ({len(sample_ids)}), histories ({len(histories)}) and targets ({B}) differ")
+    users = tokenize_users(tokenizer, [[cat.titles[int(j)] for j in h] for h in histories], cfg)
+    S = 1 + cfg.n_negatives
+    groups = np.empty((B, S), dtype=np.int64)
+    for i in range(B):
+        groups[i, 0] = cat.index.item_title[int(targets[i])]
+        groups[i, 1:] = sample_negatives(sample_ids[i], targets[i], histories[i], cat, cfg.n_negatives, seed=cfg.seed)
+    valid = groups >= 0
+    uniq = np.unique(groups[valid])
+    tok = dict(zip(uniq.tolist(), _tokenize_titles(tokenizer, [cat.index.titles[g] for g in uniq], cfg)))
+    filler = list(tokenizer("")["input_ids"]) or [_pad_id(tokenizer)]  # [CLS][SEP]: harmless text for padding slots
+    items = [[tok[int(g)] if g >= 0 else filler for g in row] for row in groups]
+    return {"user": list(users), "items": items, "valid": valid,
+            "sample_ids": np.asarray(sample_ids, dtype=np.int64)}
+
+
+def effort_lengths(tokens: dict) -> np.ndarray:
+    """int [B, 2]: per sample, its user-text length and its longest item text (the padded axes)."""
+    return np.array([[len(u), max(len(t) for t in it)] for u, it in zip(tokens["user"], tokens["items"])],
+                    dtype=np.int64).reshape(-1, 2)
+
+
+def pad_effort(tokens: dict, rows: Sequence[int] | None, pad: int, lengths: tuple[int, int] | None = None) -> dict:
+    """The :func:`collate_effort` batch of ``rows`` of :func:`effort_tokens` (all rows when None),
+    user texts padded to at least ``lengths[0]`` and item texts to at least ``lengths[1]``."""
+    rows = range(len(tokens["user"])) if rows is None else [int(r) for r in rows]
+    lu, li = lengths or (0, 0)
+    B, S = len(rows), tokens["valid"].shape[1]
+    u_ids, u_mask = _pad([tokens["user"][r] for r in rows], pad, lu)
+    i_ids, i_mask = _pad([t for r in rows for t in tokens["items"][r]], pad, li)
+    T = i_ids.shape[1]
+    return {
+        "user_input_ids": u_ids, "user_attention_mask": u_mask,
+        "item_input_ids": i_ids.view(B, S, T), "item_attention_mask": i_mask.view(B, S, T),
+        "item_valid": torch.from_numpy(tokens["valid"][list(rows)]),
+        "sample_ids": torch.as_tensor(tokens["sample_ids"][list(rows)]),
+    }
+
+
 def collate_effort(tokenizer, catalogue: Catalogue | Sequence[str], sample_ids: Sequence[int],
                    histories: Sequence[Sequence[int]], targets: Sequence[int], cfg: TextRecConfig) -> dict:
     """Batch for :func:`per_sample_loss`: user texts and, per sample, target + fixed negatives.
@@ -72,29 +119,8 @@ def collate_effort(tokenizer, catalogue: Catalogue | Sequence[str], sample_ids: 
         [B, 1 + n_negatives, Ti] (slot 0 = target); ``item_valid`` [B, 1 + n_negatives] bool
         (False for padding slots of tiny catalogues); ``sample_ids`` [B].
     """
-    cat = _as_catalogue(catalogue)
-    B = len(targets)
-    if not (len(sample_ids) == len(histories) == B):
-        raise ValueError(f"sample_ids ({len(sample_ids)}), histories ({len(histories)}) and targets ({B}) differ")
-    pad = _pad_id(tokenizer)
-    u_ids, u_mask = _pad(tokenize_users(tokenizer, [[cat.titles[int(j)] for j in h] for h in histories], cfg), pad)
-    S = 1 + cfg.n_negatives
-    groups = np.empty((B, S), dtype=np.int64)
-    for i in range(B):
-        groups[i, 0] = cat.index.item_title[int(targets[i])]
-        groups[i, 1:] = sample_negatives(sample_ids[i], targets[i], histories[i], cat, cfg.n_negatives, seed=cfg.seed)
-    valid = groups >= 0
-    uniq = np.unique(groups[valid])
-    tok = dict(zip(uniq.tolist(), _tokenize_titles(tokenizer, [cat.index.titles[g] for g in uniq], cfg)))
-    filler = list(tokenizer("")["input_ids"]) or [pad]  # [CLS][SEP]: a harmless text for padding slots
-    seqs = [tok[int(g)] if g >= 0 else filler for g in groups.reshape(-1)]
-    i_ids, i_mask = _pad(seqs, pad)
-    T = i_ids.shape[1]
-    return {
-        "user_input_ids": u_ids, "user_attention_mask": u_mask,
-        "item_input_ids": i_ids.view(B, S, T), "item_attention_mask": i_mask.view(B, S, T),
-        "item_valid": torch.from_numpy(valid), "sample_ids": torch.as_tensor(np.asarray(sample_ids, dtype=np.int64)),
-    }
+    tokens = effort_tokens(tokenizer, catalogue, sample_ids, histories, targets, cfg)
+    return pad_effort(tokens, None, _pad_id(tokenizer))
 
 
 def per_sample_loss(model: nn.Module, batch: dict) -> torch.Tensor:

@@ -135,8 +135,8 @@ def _tokenize_titles(tokenizer, titles: Sequence[str], cfg: TextRecConfig) -> li
     return [list(x) for x in tokenizer(list(titles), truncation=True, max_length=cfg.max_len_item)["input_ids"]]
 
 
-def _pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    T = max(1, max((len(s) for s in seqs), default=1))
+def _pad(seqs: Sequence[Sequence[int]], pad_id: int, length: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    T = max(1, int(length), max((len(s) for s in seqs), default=1))
     ids = torch.full((len(seqs), T), int(pad_id), dtype=torch.long)
     mask = torch.zeros((len(seqs), T), dtype=torch.long)
     for i, s in enumerate(seqs):

@@ -144,17 +144,22 @@ class TigerBackend:
         return per_sample_loss(model, batch)
 
     def effort(self, model, sample_ids, histories, targets, *, micro_batch: int = 16) -> np.ndarray:
-        """Per-sample gradient norm over ALL parameters, input-order micro-batches, through
-        :func:`engine.effort.per_sample_grad_norms` (no parameter in its fallback)."""
+        """Per-sample gradient norm over ALL parameters, through
+        :func:`engine.effort.per_sample_grad_norms` (no parameter in its fallback); micro-batches
+        grouped by padded encoder length (:mod:`engine.effort.batching`: a score does not depend
+        on the other samples)."""
         from engine.effort import per_sample_grad_norms
+        from engine.effort.batching import canonical_micro_batches
+        from engine.llm.tiger.model import encode, encoder_lengths
 
         if micro_batch < 1:
             raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
         out = np.zeros(len(targets), dtype=np.float64)
-        for s in range(0, len(targets), micro_batch):
-            b = self.encode_samples(sample_ids[s:s + micro_batch], histories[s:s + micro_batch],
-                                    targets[s:s + micro_batch])
-            out[s:s + len(b["labels"])] = per_sample_grad_norms(model, self.per_sample_loss, b).double().cpu().numpy()
+        hist, tgt = list(histories), np.asarray(targets)
+        for idx, (length,) in canonical_micro_batches(encoder_lengths(hist, self.item_tokens, self.layout, self.cfg),
+                                                      micro_batch):
+            b = encode([hist[i] for i in idx], tgt[idx], self.item_tokens, self.layout, self.cfg, length=length)
+            out[idx] = per_sample_grad_norms(model, self.per_sample_loss, b).double().cpu().numpy()
         return out
 
     def encode_train(self, histories, targets) -> dict:

@@ -91,10 +91,18 @@ def user_tokens(histories: Sequence[Sequence[int]], layout: TokenLayout, key_ite
     return out
 
 
+def encoder_lengths(histories: Sequence[Sequence[int]], item_tokens: np.ndarray, layout: TokenLayout,
+                    cfg: TigerConfig) -> np.ndarray:
+    """int [B]: the unpadded encoder input length of each sample in :func:`encode`."""
+    head = 1 if layout.n_user_tokens else 0
+    per_item = int(np.asarray(item_tokens).shape[1])
+    return np.array([head + per_item * min(len(h), cfg.max_items) + 1 for h in histories], dtype=np.int64)
+
+
 def encode(histories: Sequence[Sequence[int]], targets: Sequence[int] | None, item_tokens: np.ndarray,
-           layout: TokenLayout, cfg: TigerConfig) -> dict:
-    """Batch (CPU tensors): ``input_ids``/``attention_mask`` [B, S] right-padded, ``labels`` [B, L+1]
-    (absent when ``targets`` is None)."""
+           layout: TokenLayout, cfg: TigerConfig, *, length: int | None = None) -> dict:
+    """Batch (CPU tensors): ``input_ids``/``attention_mask`` [B, S] right-padded (to at least
+    ``length``), ``labels`` [B, L+1] (absent when ``targets`` is None)."""
     n_items = len(item_tokens)
     rows = []
     utok = user_tokens(histories, layout, cfg.user_key_items) if layout.n_user_tokens else None
@@ -105,7 +113,7 @@ def encode(histories: Sequence[Sequence[int]], targets: Sequence[int] | None, it
         seq = item_tokens[h].reshape(-1)
         head = [int(utok[i])] if utok is not None else []
         rows.append(np.concatenate([np.asarray(head, dtype=np.int64), seq, np.asarray([EOS], dtype=np.int64)]))
-    S = max(len(r) for r in rows) if rows else 1
+    S = max(max((len(r) for r in rows), default=1), int(length or 0))
     ids = np.full((len(rows), S), PAD, dtype=np.int64)
     mask = np.zeros((len(rows), S), dtype=np.int64)
     for i, r in enumerate(rows):
