@@ -193,6 +193,7 @@ def test_deepspeed_resumes_and_trains_the_local_adapter(deepspeed_run, local):
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # needs the DeepSpeed run above; the refusal itself is default-tier in test_rundir / test_finetune_local
 @pytest.mark.timeout(900)
 def test_changed_config_is_refused_on_ray(deepspeed_run, data, cache):
     from jobs import finetune
