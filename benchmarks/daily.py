@@ -120,7 +120,7 @@ QUALITY_ROWS = ("random", "scratch", "update")
 def quality(out: Path, a, *, log=print) -> str:
     """Fine-tune + test-period evaluation of scratch's, update's and a random selection per seed
     (module docstring); the table's markdown."""
-    from benchmarks.selection_quality import TABLE_METRICS, finetune_and_evaluate, gather
+    from benchmarks.selection_quality import TABLE_METRICS, build_parser, finetune_and_evaluate, gather
     from engine import compare
     from engine.scores import read_scores
     from engine.selection import SelectionConfig, select
@@ -130,11 +130,12 @@ def quality(out: Path, a, *, log=print) -> str:
     cfg = manifest(out / "scratch")["config"]["selection"]
     if cfg != manifest(out / "update")["config"]["selection"]:
         raise SystemExit("[daily] scratch and update were selected with different configs; rerun both")
-    opts = argparse.Namespace(textrec_model=a.textrec_model, backend=a.backend, strategy="local", workers=1,
-                              epochs=a.epochs, batch_size=32, lr=1e-3, prompt=a.prompt or "games", threads=0,
-                              max_test_users=None, max_valid_users=None, no_valid=True, ks=[10, 20],
-                              methods=list(QUALITY_ROWS), seeds=list(a.quality_seeds), full_data="skip",
-                              no_zero_shot=True)
+    # the selection-quality benchmark's own options and defaults (fine-tune batch, lr, strategy)
+    opts = build_parser().parse_args([
+        "--data", str(data), "--out", str(q), "--backend", a.backend, "--epochs", str(a.epochs),
+        *(["--prompt", a.prompt] if a.prompt else []), *(["--textrec-model", a.textrec_model] if a.textrec_model else []),
+        "--seeds", *map(str, a.quality_seeds), "--methods", *QUALITY_ROWS, "--ks", "10", "20",
+        "--no-valid", "--no-zero-shot", "--full-data", "skip"])
     for seed in a.quality_seeds:
         for name in QUALITY_ROWS:
             run = q / "runs" / f"{name}__seed{seed}"

@@ -150,15 +150,14 @@ class TigerBackend:
         on the other samples)."""
         from engine.effort import per_sample_grad_norms
         from engine.effort.batching import canonical_micro_batches
-        from engine.llm.tiger.model import encode, encoder_lengths
+        from engine.llm.tiger.model import encode_rows, encoder_rows
 
         if micro_batch < 1:
             raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
         out = np.zeros(len(targets), dtype=np.float64)
-        hist, tgt = list(histories), np.asarray(targets)
-        for idx, (length,) in canonical_micro_batches(encoder_lengths(hist, self.item_tokens, self.layout, self.cfg),
-                                                      micro_batch):
-            b = encode([hist[i] for i in idx], tgt[idx], self.item_tokens, self.layout, self.cfg, length=length)
+        rows, tgt = encoder_rows(list(histories), self.item_tokens, self.layout, self.cfg), np.asarray(targets)
+        for idx, (length,) in canonical_micro_batches([len(r) for r in rows], micro_batch):
+            b = encode_rows([rows[i] for i in idx], tgt[idx], self.item_tokens, length=length)
             out[idx] = per_sample_grad_norms(model, self.per_sample_loss, b).double().cpu().numpy()
         return out
 

@@ -91,18 +91,10 @@ def user_tokens(histories: Sequence[Sequence[int]], layout: TokenLayout, key_ite
     return out
 
 
-def encoder_lengths(histories: Sequence[Sequence[int]], item_tokens: np.ndarray, layout: TokenLayout,
-                    cfg: TigerConfig) -> np.ndarray:
-    """int [B]: the unpadded encoder input length of each sample in :func:`encode`."""
-    head = 1 if layout.n_user_tokens else 0
-    per_item = int(np.asarray(item_tokens).shape[1])
-    return np.array([head + per_item * min(len(h), cfg.max_items) + 1 for h in histories], dtype=np.int64)
-
-
-def encode(histories: Sequence[Sequence[int]], targets: Sequence[int] | None, item_tokens: np.ndarray,
-           layout: TokenLayout, cfg: TigerConfig, *, length: int | None = None) -> dict:
-    """Batch (CPU tensors): ``input_ids``/``attention_mask`` [B, S] right-padded (to at least
-    ``length``), ``labels`` [B, L+1] (absent when ``targets`` is None)."""
+def encoder_rows(histories: Sequence[Sequence[int]], item_tokens: np.ndarray, layout: TokenLayout,
+                 cfg: TigerConfig) -> list[np.ndarray]:
+    """The unpadded encoder input of each history: [user token] + the code tuples of its most
+    recent ``cfg.max_items`` items + EOS (int64)."""
     n_items = len(item_tokens)
     rows = []
     utok = user_tokens(histories, layout, cfg.user_key_items) if layout.n_user_tokens else None
@@ -113,6 +105,14 @@ def encode(histories: Sequence[Sequence[int]], targets: Sequence[int] | None, it
         seq = item_tokens[h].reshape(-1)
         head = [int(utok[i])] if utok is not None else []
         rows.append(np.concatenate([np.asarray(head, dtype=np.int64), seq, np.asarray([EOS], dtype=np.int64)]))
+    return rows
+
+
+def encode_rows(rows: Sequence[np.ndarray], targets: Sequence[int] | None, item_tokens: np.ndarray, *,
+                length: int | None = None) -> dict:
+    """Batch of :func:`encoder_rows` rows: ``input_ids``/``attention_mask`` [B, S] right-padded (to
+    at least ``length``), ``labels`` [B, L+1] (absent when ``targets`` is None)."""
+    n_items = len(item_tokens)
     S = max(max((len(r) for r in rows), default=1), int(length or 0))
     ids = np.full((len(rows), S), PAD, dtype=np.int64)
     mask = np.zeros((len(rows), S), dtype=np.int64)
@@ -126,6 +126,13 @@ def encode(histories: Sequence[Sequence[int]], targets: Sequence[int] | None, it
             raise DataError(f"target item id outside 0..{n_items - 1}", field="target")
         batch["labels"] = torch.from_numpy(np.ascontiguousarray(item_tokens[t]))
     return batch
+
+
+def encode(histories: Sequence[Sequence[int]], targets: Sequence[int] | None, item_tokens: np.ndarray,
+           layout: TokenLayout, cfg: TigerConfig) -> dict:
+    """Batch (CPU tensors): ``input_ids``/``attention_mask`` [B, S] right-padded, ``labels`` [B, L+1]
+    (absent when ``targets`` is None)."""
+    return encode_rows(encoder_rows(histories, item_tokens, layout, cfg), targets, item_tokens)
 
 
 def _device(cfg: TigerConfig) -> torch.device:
