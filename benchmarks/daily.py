@@ -26,9 +26,10 @@ per-user bootstrap CIs (OUT/quality/table.md). Use it with an LLM that carries k
 
 Commands::
 
-    # Games, simulated day (the release has no timestamps): OLD = NEW without every user's last
-    # training item and without a held-back 5% of users
-    python benchmarks/daily.py --new /tmp/games --simulate --out /tmp/daily-games
+    # Games, simulated day (the release has no timestamps): OLD = NEW without a held-back 5% of
+    # users, and without the last training item of a seeded 10% of the others (those who
+    # interacted today; the remaining 85% of samples are unchanged)
+    python benchmarks/daily.py --new /tmp/games --simulate --changed-user-share 0.1 --out /tmp/daily-games
     # MovieLens-100K, two real cut-offs a week apart
     dealrec prepare --format recbole --input ../shared/data/movielens-100k --until 1998-04-15 --out /tmp/ml-0415
     dealrec prepare --format recbole --input ../shared/data/movielens-100k --until 1998-04-22 --out /tmp/ml-0422
@@ -183,6 +184,9 @@ def main(argv=None) -> int:
     d.add_argument("--simulate", action="store_true", help="simulate yesterday from --new (dealrec prepare --format "
                                                            "simulate-yesterday)")
     ap.add_argument("--new-user-share", type=float, default=0.05, help="--simulate: users who appear only today")
+    ap.add_argument("--changed-user-share", type=float, default=1.0,
+                    help="--simulate: share of the other users who gained an item today (default 1: every user, "
+                         "so no sample is unchanged; a real day is a small share, e.g. 0.1)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--backend", default="bigrec", help="LLM backend of the three prunes (and of --quality-seeds)")
     ap.add_argument("--prompt", default=None, help="prompt preset of the prunes and the fine-tunes")
@@ -199,7 +203,8 @@ def main(argv=None) -> int:
     old = Path(a.old).resolve() if a.old else out / "yesterday"
     if a.simulate and not (old / "meta.json").exists():
         subprocess.run([sys.executable, "-m", "jobs.cli", "prepare", "--format", "simulate-yesterday", "--input",
-                        str(Path(a.new).resolve()), "--out", str(old), "--new-user-share", str(a.new_user_share)],
+                        str(Path(a.new).resolve()), "--out", str(old), "--new-user-share", str(a.new_user_share),
+                        "--changed-user-share", str(a.changed_user_share)],
                        cwd=ROOT, check=True)
     extra = ["--backend", a.backend, *(["--prompt", a.prompt] if a.prompt else []),
              *(["--textrec-model", a.textrec_model] if a.textrec_model else []), *a.prune_args.split()]
