@@ -7,6 +7,8 @@ pays it), then a comparison read from their folders:
     scratch/   today's data (NEW) from zero, ``--score-cache off``: every score freshly computed
     update/    ``--update run0`` on NEW: warm surrogate, CG from run0's v, effort only for the
                samples missing from run0's cache
+    update-changed/   with ``--update-influence all changed``: also ``--update-influence changed``
+               (surrogate and v frozen at run0's; only new and changed samples rescored)
 
 Printed (and written to OUT/daily.json / daily.md): wall time per stage and in total, scratch
 vs update and their ratio; CG iterations (update warm, run0 cold on OLD, scratch cold on NEW);
@@ -29,7 +31,8 @@ Commands::
     # Games, simulated day (the release has no timestamps): OLD = NEW without a held-back 5% of
     # users, and without the last training item of a seeded 10% of the others (those who
     # interacted today; the remaining 85% of samples are unchanged)
-    python benchmarks/daily.py --new /tmp/games --simulate --changed-user-share 0.1 --out /tmp/daily-games
+    python benchmarks/daily.py --new /tmp/games --simulate --changed-user-share 0.1 --out /tmp/daily-games \
+        --update-influence all changed
     # MovieLens-100K, two real cut-offs a week apart
     dealrec prepare --format recbole --input ../shared/data/movielens-100k --until 1998-04-15 --out /tmp/ml-0415
     dealrec prepare --format recbole --input ../shared/data/movielens-100k --until 1998-04-22 --out /tmp/ml-0422
@@ -60,6 +63,8 @@ from engine.daily import STATUS, diff_days, read_sample_keys  # noqa: E402
 from engine.influence.lds import spearman  # noqa: E402
 
 STAGES = ("surrogate", "ihvp", "surrogate_scores", "effort", "select", "report")
+#: the update run's folder per ``--update-influence`` mode
+UPDATE_RUNS = {"all": "update", "changed": "update-changed"}
 
 
 def prune(out: Path, argv: list, timings: dict, log=print) -> None:
@@ -82,25 +87,26 @@ def manifest(run: Path) -> dict:
     return json.loads((run / "manifest.json").read_text())
 
 
-def compare(out: Path, timings: dict) -> dict:
-    """The comparison of the three finished runs (see the module docstring)."""
-    m0, ms, mu = (manifest(out / r) for r in ("run0", "scratch", "update"))
+def compare(out: Path, timings: dict, update: str = "update") -> dict:
+    """The comparison of run0, scratch and the finished update run ``update`` (module docstring)."""
+    m0, ms, mu = (manifest(out / r) for r in ("run0", "scratch", update))
     walls = {r: {s: m["stages"].get(s, {}).get("wall_s") for s in STAGES} for r, m in (("scratch", ms), ("update", mu))}
-    sc, up = (pq.read_table(out / r / "scores.parquet").sort_by("sample_id") for r in ("scratch", "update"))
-    keys0, keys1 = read_sample_keys(out / "run0" / "sample_keys.parquet"), read_sample_keys(out / "update" / "sample_keys.parquet")
+    sc, up = (pq.read_table(out / r / "scores.parquet").sort_by("sample_id") for r in ("scratch", update))
+    keys0, keys1 = read_sample_keys(out / "run0" / "sample_keys.parquet"), read_sample_keys(out / update / "sample_keys.parquet")
     status = diff_days(keys0["key"], keys0["user_hash"], keys1["key"], keys1["user_hash"]).status
     unchanged = status == STATUS["unchanged"]
     e_s, e_u = sc.column("effort").to_numpy(), up.column("effort").to_numpy()
     rel = np.abs(e_s - e_u) / np.maximum(np.abs(e_s), 1e-30)
     sel_s, sel_u = (set(pq.read_table(out / r / "selected.parquet").column("sample_id").to_pylist())
-                    for r in ("scratch", "update"))
+                    for r in ("scratch", update))
     cg = lambda m: m["stages"].get("ihvp", {}).get("iterations")  # noqa: E731
     upd = mu.get("update", {})
     res = {
         "samples": {k: int((status == v).sum()) for k, v in STATUS.items()},
         "wall_s": {"scratch": {**walls["scratch"], "job": timings.get("scratch")},
-                   "update": {**walls["update"], "job": timings.get("update")}, "run0_job": timings.get("run0")},
-        "speedup_job": (timings.get("scratch") or np.nan) / (timings.get("update") or np.nan),
+                   "update": {**walls["update"], "job": timings.get(update)}, "run0_job": timings.get("run0")},
+        "speedup_job": (timings.get("scratch") or np.nan) / (timings.get(update) or np.nan),
+        "update_influence": (upd.get("config") or {}).get("influence", "all"),
         "cg_iterations": {"update_warm": (upd.get("cg_iterations") or {}).get("warm"), "run0_cold": cg(m0),
                           "scratch_cold": cg(ms)},
         "effort_cache": upd.get("effort_cache"),
@@ -195,7 +201,13 @@ def main(argv=None) -> int:
     ap.add_argument("--quality-seeds", type=int, nargs="*", default=[],
                     help="fine-tune + evaluate scratch's, update's and a random selection with these seeds")
     ap.add_argument("--epochs", type=int, default=3, help="--quality-seeds: fine-tune epochs")
+    ap.add_argument("--update-influence", nargs="+", choices=list(UPDATE_RUNS), default=["all"],
+                    help="one update run per mode (dealrec prune --update-influence): 'all' in update/, "
+                         "'changed' (surrogate and v frozen, only new and changed samples rescored) in "
+                         "update-changed/; --quality-seeds uses update/")
     a = ap.parse_args(argv)
+    if a.quality_seeds and "all" not in a.update_influence:
+        ap.error("--quality-seeds compares update/ (--update-influence all) with scratch; add 'all'")
     out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     tf = out / "timings.json"
@@ -208,14 +220,16 @@ def main(argv=None) -> int:
                        cwd=ROOT, check=True)
     extra = ["--backend", a.backend, *(["--prompt", a.prompt] if a.prompt else []),
              *(["--textrec-model", a.textrec_model] if a.textrec_model else []), *a.prune_args.split()]
-    for name, argv_ in (("run0", ["--data", old, *extra]),
-                        ("scratch", ["--data", Path(a.new).resolve(), "--score-cache", "off", *extra]),
-                        ("update", ["--data", Path(a.new).resolve(), "--update", out / "run0", *extra])):
+    new = Path(a.new).resolve()
+    runs = [("run0", ["--data", old, *extra]), ("scratch", ["--data", new, "--score-cache", "off", *extra])]
+    runs += [(UPDATE_RUNS[mode], ["--data", new, "--update", out / "run0", "--update-influence", mode, *extra])
+             for mode in a.update_influence]
+    for name, argv_ in runs:
         prune(out / name, argv_, timings)
         tf.write_text(json.dumps(timings, indent=2))
-    res = compare(out, timings)
-    (out / "daily.json").write_text(json.dumps(res, indent=2, default=float))
-    md = markdown(res)
+    res = {mode: compare(out, timings, UPDATE_RUNS[mode]) for mode in a.update_influence}
+    (out / "daily.json").write_text(json.dumps(res if len(res) > 1 else next(iter(res.values())), indent=2, default=float))
+    md = "\n\n".join(f"**--update-influence {mode}** (`{UPDATE_RUNS[mode]}/`)\n\n{markdown(r)}" for mode, r in res.items())
     (out / "daily.md").write_text(md + "\n")
     print(md)
     if a.quality_seeds:

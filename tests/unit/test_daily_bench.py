@@ -75,3 +75,20 @@ def test_compare_sees_unchanged_effort_that_is_not_bit_identical(tmp_path):
     res = daily.compare(tmp_path, {"scratch": 1.0, "update": 1.0})
     assert res["samples"]["unchanged"] == 2
     assert res["effort_unchanged"]["bit_identical"] == 1 and res["effort_unchanged"]["max_rel_diff"] > 0
+
+
+def test_compare_reads_the_named_update_run(tmp_path):
+    rows = [("u0", [1], 2), ("u1", [3], 4)]
+    stages = {"ihvp": {"iterations": 5}}
+    _run(tmp_path / "run0", _samples(rows), [1.0, 2.0], [0], stages)
+    _run(tmp_path / "scratch", _samples(rows), [1.0, 2.0], [0], stages)
+    _run(tmp_path / "update", _samples(rows), [1.0, 2.0], [0], stages,
+         update={"config": {"influence": "all"}, "cg_iterations": {"warm": 3}})
+    _run(tmp_path / "update-changed", _samples(rows), [1.0, 2.5], [1], {"effort": {"wall_s": 1.0}},
+         update={"config": {"influence": "changed"}})
+    t = {"scratch": 12.0, "update": 4.0, "update-changed": 2.0}
+    full, frozen = daily.compare(tmp_path, t), daily.compare(tmp_path, t, daily.UPDATE_RUNS["changed"])
+    assert (full["speedup_job"], frozen["speedup_job"]) == (3.0, 6.0)
+    assert (full["update_influence"], frozen["update_influence"]) == ("all", "changed")
+    assert full["effort_unchanged"]["bit_identical"] == 2 and frozen["effort_unchanged"]["bit_identical"] == 1
+    assert frozen["selection"]["overlap"] == 0 and frozen["cg_iterations"]["update_warm"] is None
