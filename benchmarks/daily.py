@@ -61,6 +61,7 @@ import pyarrow.parquet as pq  # noqa: E402
 
 from engine.daily import STATUS, diff_days, read_sample_keys  # noqa: E402
 from engine.influence.lds import spearman  # noqa: E402
+from jobs.backend_args import backend_argv  # noqa: E402
 
 STAGES = ("surrogate", "ihvp", "surrogate_scores", "effort", "select", "report")
 #: the update run's folder per ``--update-influence`` mode
@@ -218,8 +219,7 @@ def main(argv=None) -> int:
                         str(Path(a.new).resolve()), "--out", str(old), "--new-user-share", str(a.new_user_share),
                         "--changed-user-share", str(a.changed_user_share)],
                        cwd=ROOT, check=True)
-    extra = ["--backend", a.backend, *(["--prompt", a.prompt] if a.prompt else []),
-             *(["--textrec-model", a.textrec_model] if a.textrec_model else []), *a.prune_args.split()]
+    extra = [*backend_argv(a), *a.prune_args.split()]
     new = Path(a.new).resolve()
     runs = [("run0", ["--data", old, *extra]), ("scratch", ["--data", new, "--score-cache", "off", *extra])]
     runs += [(UPDATE_RUNS[mode], ["--data", new, "--update", out / "run0", "--update-influence", mode, *extra])

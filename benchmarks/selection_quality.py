@@ -38,7 +38,7 @@ Commands::
     python benchmarks/selection_quality.py --dry-run-tiny --out /tmp/sq-tiny     # < 2 minutes, CPU
     # TIGER (issue 19): semantic IDs first; the T5 is trained from its seeded init on each subset
     dealrec semantic-ids --data /tmp/games --out /tmp/games-sid
-    python benchmarks/selection_quality.py --data /tmp/games --backend tiger --semantic-ids /tmp/games-sid \
+    python benchmarks/selection_quality.py --data /tmp/games --backend tiger --semantic-ids /tmp/games-sid \\
         --budget 1024 --seeds 0 1 2 --out runs/sq-games-tiger
 """
 
@@ -67,6 +67,7 @@ import pyarrow.parquet as pq  # noqa: E402
 
 from engine.compare import ALIGN, FULL_DATA, LLM_INFLUENCE, REFERENCE, VALID_TARGET, ZERO_SHOT, MethodRuns  # noqa: E402
 from engine.config import stable_hash, versions  # noqa: E402
+from jobs.backend_args import backend_argv, tiger_options  # noqa: E402
 from engine.errors import ConfigError, DealrecError, ResumeError, check  # noqa: E402
 from engine.selection import METHODS, REQUIRED_SCORES, SelectionConfig, select  # noqa: E402
 
@@ -136,16 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def validate(a) -> None:
     p: list[str] = []
-    check(p, bool(a.data) and (Path(a.data) / "meta.json").is_file(),
-          f"--data {a.data!r}: not a prepared folder; run `dealrec prepare` first (or --dry-run-tiny)")
+    data_ok = bool(a.data) and (Path(a.data) / "meta.json").is_file()
+    check(p, data_ok, f"--data {a.data!r}: not a prepared folder; run `dealrec prepare` first (or --dry-run-tiny)")
+    p += tiger_options(a, a.data if data_ok else None)[1]  # TIGER options, checked against the catalogue
     bad = [m for m in a.methods if m not in BENCH_METHODS]
     check(p, not bad, f"methods {bad} unknown; use {', '.join(BENCH_METHODS)}")
-    tiger_opts = [f for f in TIGER_OPTIONS if getattr(a, f)]
-    check(p, a.backend != "tiger" or bool(a.semantic_ids),
-          "--backend tiger needs --semantic-ids (run `dealrec semantic-ids --data DATA --out DIR` first)")
-    check(p, a.backend == "tiger" or not tiger_opts,
-          f"{', '.join('--' + f.replace('_', '-') for f in tiger_opts)}: options of --backend tiger "
-          f"(--backend is {a.backend!r})")
     check(p, REFERENCE in a.methods, f"methods must include {REFERENCE!r}: every row is compared with it")
     check(p, len(set(a.seeds)) == len(a.seeds) >= 1, f"seeds={a.seeds}: give one or more distinct seeds")
     check(p, a.pool is None or a.pool >= 2, f"pool={a.pool!r}: must be >= 2")
@@ -155,18 +151,6 @@ def validate(a) -> None:
     check(p, set(TABLE_METRICS) <= keys, f"--ks {a.ks} must include 10 and 20 (the table's metrics)")
     if p:
         raise ConfigError(p, config="selection-quality benchmark")
-
-
-def backend_argv(a) -> list:
-    """``--backend`` and that backend's model options, as prune, tune, finetune and evaluate take them:
-    bigrec and textrec ``--prompt`` (textrec: the user-text wording) and ``--textrec-model``; tiger
-    ``--semantic-ids`` and ``--tiger-config`` / ``--tiger-checkpoint`` (no prompt: items are codes)."""
-    if a.backend == "tiger":
-        return ["--backend", "tiger", "--semantic-ids", a.semantic_ids,
-                *(["--tiger-config", a.tiger_config] if a.tiger_config else []),
-                *(["--tiger-checkpoint", a.tiger_checkpoint] if a.tiger_checkpoint else [])]
-    return ["--backend", a.backend, "--prompt", a.prompt,
-            *(["--textrec-model", a.textrec_model] if a.textrec_model and a.backend == "textrec" else [])]
 
 
 #: the tiger options: left out of the fingerprint while unset, so that runs of the other backends keep theirs
@@ -312,30 +296,11 @@ def _record(out: Path, name: str, seed: int) -> dict:
 
 
 def gather(a, out: Path, split: str) -> dict[str, MethodRuns]:
-    """Per row, the per-user metrics of every finished seed (from `dealrec evaluate`'s npz files)."""
+    """Per row, the per-user metrics of every finished seed (:func:`engine.compare.load_runs`)."""
+    from engine.compare import load_runs
+
     names = [*a.methods, *([FULL_DATA] if a.full_data != "skip" else []), *([ZERO_SHOT] if not a.no_zero_shot else [])]
-    runs = {}
-    for name in names:
-        seeds, mats, recs, uids = [], {}, [], None
-        for s in a.seeds[:1] if name == ZERO_SHOT else a.seeds:
-            f = out / "runs" / f"{name}__seed{s}" / f"metrics-{split}.per_user.npz"
-            if not f.exists():
-                continue
-            with np.load(f) as z:
-                if uids is None:
-                    uids = z["user_ids"]
-                elif not np.array_equal(uids, z["user_ids"]):
-                    raise DealrecError(f"{name} seed {s} was evaluated on other users than seed {seeds[0]}")
-                for k in z.files:
-                    if "@" in k:
-                        mats.setdefault(k, []).append(z[k])
-            rec = _record(out, name, s)
-            recs.append({"n_train": rec.get("n_train", 0) if rec.get("epochs_done") else 0,
-                         "train_seconds": rec.get("train_seconds", 0.0), "optimizer_steps": rec.get("optimizer_steps", 0)})
-            seeds.append(s)
-        runs[name] = MethodRuns(seeds=seeds, per_user={k: np.stack(v) for k, v in mats.items()}, records=recs,
-                                user_ids=uids)
-    return runs
+    return load_runs(out / "runs", {n: a.seeds[:1] if n == ZERO_SHOT else a.seeds for n in names}, split)
 
 
 def write_table(a, out: Path, sel: SelectionConfig, *, log=print) -> dict:

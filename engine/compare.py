@@ -29,7 +29,7 @@ import numpy as np
 from engine.bootstrap import seed_pooled
 from engine.errors import DealrecError
 
-__all__ = ["MethodRuns", "ABLATIONS", "REFERENCE", "ALIGN", "VALID_TARGET", "LLM_INFLUENCE", "FULL_DATA", "ZERO_SHOT",
+__all__ = ["MethodRuns", "load_runs", "ABLATIONS", "REFERENCE", "ALIGN", "VALID_TARGET", "LLM_INFLUENCE", "FULL_DATA", "ZERO_SHOT",
            "method_rows",
            "component_rows", "markdown_rows", "markdown_components", "csv_rows", "plot_rows"]
 
@@ -61,6 +61,42 @@ class MethodRuns:
     per_user: dict[str, np.ndarray]
     records: list[dict] = field(default_factory=list)
     user_ids: np.ndarray | None = None
+
+
+def load_runs(runs_dir: str | Path, seeds_of: Mapping[str, Sequence[int]], split: str) -> dict[str, MethodRuns]:
+    """Per method, the per-user metrics of every finished seed of a benchmark's run folders.
+
+    ``runs_dir/METHOD__seedS/`` holds ``metrics-SPLIT.per_user.npz`` (what ``dealrec evaluate``
+    writes: ``user_ids`` and one array per ``metric@K``) and ``finetune.json`` (its ``n_train``,
+    ``train_seconds``, ``optimizer_steps``; a run that trained no epoch counts 0 samples). A
+    missing seed is skipped (a partial table); seeds evaluated on other users are an error.
+    """
+    import json
+
+    runs = {}
+    for name, seeds in seeds_of.items():
+        done, mats, recs, uids = [], {}, [], None
+        for s in seeds:
+            run = Path(runs_dir) / f"{name}__seed{s}"
+            f = run / f"metrics-{split}.per_user.npz"
+            if not f.exists():
+                continue
+            with np.load(f) as z:
+                if uids is None:
+                    uids = z["user_ids"]
+                elif not np.array_equal(uids, z["user_ids"]):
+                    raise DealrecError(f"{name} seed {s} was evaluated on other users than seed {done[0]}")
+                for k in z.files:
+                    if "@" in k:
+                        mats.setdefault(k, []).append(z[k])
+            rf = run / "finetune.json"
+            rec = json.loads(rf.read_text()) if rf.exists() else {}
+            recs.append({"n_train": rec.get("n_train", 0) if rec.get("epochs_done") else 0,
+                         "train_seconds": rec.get("train_seconds", 0.0), "optimizer_steps": rec.get("optimizer_steps", 0)})
+            done.append(s)
+        runs[name] = MethodRuns(seeds=done, per_user={k: np.stack(v) for k, v in mats.items()}, records=recs,
+                                user_ids=uids)
+    return runs
 
 
 def _rows_of(runs: MethodRuns, seeds: Sequence[int], metric: str) -> np.ndarray:

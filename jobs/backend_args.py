@@ -15,8 +15,8 @@ from pathlib import Path
 
 from engine.llm import BACKENDS
 
-__all__ = ["add_backend_arguments", "backend_record", "tiger_options", "tiger_config_fields", "DEFAULT_BACKEND",
-           "TIGER_FLAGS"]
+__all__ = ["add_backend_arguments", "backend_argv", "backend_record", "tiger_options", "tiger_config_fields",
+           "DEFAULT_BACKEND", "TIGER_FLAGS"]
 
 DEFAULT_BACKEND = "bigrec"
 #: the TIGER options (argparse dest -> flag), options of ``--backend tiger`` only
@@ -49,6 +49,23 @@ def add_backend_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGr
         "--tiger-config", default=None,
         help="--backend tiger: TigerConfig fields as a JSON object or a JSON file, e.g. "
              "'{\"d_model\": 64, \"dropout\": 0}' (default: the paper's 4+4-layer T5)")
+
+
+def backend_argv(args) -> list[str]:
+    """``--backend`` and its model options as the jobs take them, from parsed options (``backend``,
+    ``prompt``, ``textrec_model``, the TIGER options; each absent or None is left out): what a
+    driver passes on to prune, tune, finetune and evaluate. TIGER takes no ``--prompt`` (its
+    items are codes); ``--textrec-model`` goes to textrec only."""
+    backend = getattr(args, "backend", None) or DEFAULT_BACKEND
+    argv = ["--backend", backend]
+    if backend == "tiger":
+        return argv + [x for dest, flag in TIGER_FLAGS.items() if getattr(args, dest, None) is not None
+                       for x in (flag, str(getattr(args, dest)))]
+    if getattr(args, "prompt", None) is not None:
+        argv += ["--prompt", str(args.prompt)]
+    if backend == "textrec" and getattr(args, "textrec_model", None) is not None:
+        argv += ["--textrec-model", str(args.textrec_model)]
+    return argv
 
 
 def backend_record(name: str, options: dict) -> dict:

@@ -91,3 +91,29 @@ def test_markdown_csv_and_plot(runs, tmp_path):
     plot_rows(rows, "ndcg@20", tmp_path / "t.png", title="t")
     assert (tmp_path / "t.png").stat().st_size > 1000
     assert not math.isnan(st["rel_diff"]) and FULL_DATA not in [r["method"] for r in rows]
+
+
+def test_load_runs_reads_finished_seeds_and_refuses_other_users(tmp_path):
+    import json
+
+    from engine.compare import load_runs
+
+    def run(name, seed, users, vals, epochs_done=1):
+        d = tmp_path / f"{name}__seed{seed}"
+        d.mkdir()
+        np.savez(d / "metrics-test.per_user.npz", user_ids=np.array(users), **{"ndcg@20": np.array(vals)})
+        (d / "finetune.json").write_text(json.dumps({"n_train": 8, "epochs_done": epochs_done, "train_seconds": 2.0,
+                                                     "optimizer_steps": 3}))
+
+    run("random", 0, ["a", "b"], [0.1, 0.2])
+    run("random", 1, ["a", "b"], [0.3, 0.4], epochs_done=0)
+    run("dealrec", 1, ["a", "b"], [0.5, 0.6])  # seed 0 not finished: a partial row
+    runs = load_runs(tmp_path, {"random": [0, 1], "dealrec": [0, 1]}, "test")
+    assert runs["random"].seeds == [0, 1] and runs["dealrec"].seeds == [1]
+    np.testing.assert_array_equal(runs["random"].per_user["ndcg@20"], [[0.1, 0.2], [0.3, 0.4]])
+    assert [r["n_train"] for r in runs["random"].records] == [8, 0]  # no epoch trained: 0 samples seen
+    assert load_runs(tmp_path, {"random": [0]}, "valid")["random"].seeds == []
+    run("greedy", 0, ["a", "b"], [0.1, 0.2])
+    run("greedy", 1, ["b", "a"], [0.1, 0.2])
+    with pytest.raises(DealrecError, match="greedy seed 1 was evaluated on other users than seed 0"):
+        load_runs(tmp_path, {"greedy": [0, 1]}, "test")

@@ -150,14 +150,15 @@ def test_backend_options_reach_every_job_as_that_backend_takes_them(tmp_path):
         "--backend", "bigrec", "--prompt", "movies"]
     t = _args(tmp_path, "--backend", "tiger", "--semantic-ids", "/sid", "--tiger-config", '{"d_model": 64}')
     assert sq.backend_argv(t) == ["--backend", "tiger", "--semantic-ids", "/sid", "--tiger-config", '{"d_model": 64}']
-    sq.validate(t)
 
 
 def test_tiger_options_are_validated_and_left_out_of_other_fingerprints(tmp_path):
-    with pytest.raises(ConfigError, match="--backend tiger needs --semantic-ids"):
+    with pytest.raises(ConfigError, match="--semantic-ids: --backend tiger needs the folder"):
         sq.validate(_args(tmp_path, "--backend", "tiger"))
-    with pytest.raises(ConfigError, match=r"--semantic-ids: options of --backend tiger \(--backend is 'textrec'\)"):
+    with pytest.raises(ConfigError, match=r"--semantic-ids is an option of --backend tiger \(--backend is 'textrec'\)"):
         sq.validate(_args(tmp_path, "--semantic-ids", "/sid"))
+    with pytest.raises(ConfigError, match="--semantic-ids: "):  # a folder that is not semantic ids of --data
+        sq.validate(_args(tmp_path, "--backend", "tiger", "--semantic-ids", str(tmp_path)))
     from engine.config import stable_hash
 
     a = _args(tmp_path)
