@@ -514,6 +514,8 @@ def fit(cfg: FinetuneConfig, *, overwrite: bool = False, payload: dict | None = 
         rd = run_dir(cfg)
         with output_errors(cfg.out, option="--out"):
             rd.check(hashes, overwrite=overwrite, recompute=("evaluate",))
+            if not rd.done("train"):
+                _drop_evaluations(rd)
             rd.set(backend=backend_record(cfg.backend, cfg.backend_options()))  # the run folder names its backend
         _write_config(cfg)
         if cfg.threads:
@@ -538,6 +540,22 @@ def fit(cfg: FinetuneConfig, *, overwrite: bool = False, payload: dict | None = 
         _write_config(cfg)  # the same training; the evaluation options of this call
     metrics, evaluated = _evaluate_run(cfg)
     return {**report, "metrics": metrics, "trained": trained, "evaluated": evaluated}
+
+
+def _drop_evaluations(rd: RunDir) -> None:
+    """Forget what ``dealrec evaluate`` recorded in this folder (stages ``evaluate:<file>``, see
+    jobs/evaluate.py ``eval_run``) and delete those metrics files: a training that is not done
+    (a first run, or one redone with ``--overwrite``) makes another model, so metrics of an
+    earlier one must neither be read as this model's nor block its evaluation."""
+    from jobs.evaluate import eval_run
+
+    stale = [s for s in rd.manifest["stages"] if s.startswith("evaluate:")]
+    for stage in stale:
+        erd, _ = eval_run(rd.root / stage.split(":", 1)[1])
+        erd.reset(stage)
+        del rd.manifest["stages"][stage]
+    if stale:
+        rd.save()
 
 
 def _write_config(cfg: FinetuneConfig) -> None:

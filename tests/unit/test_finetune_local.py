@@ -79,3 +79,28 @@ def test_time_budget_stops_training(tiny, tmp_path):
     assert _run(tiny, out, "--epochs", "50", "--time-budget-s", "1e-6") == 0
     rep = json.loads((out / "finetune.json").read_text())
     assert rep["stopped_by_time_budget"] and rep["optimizer_steps"] == 1
+
+
+def test_retrain_with_overwrite_drops_the_earlier_models_evaluations(tiny, tmp_path):
+    """`dealrec evaluate` metrics beside the adapter belong to the model they measured: a retrain
+    (--overwrite) deletes them (they would be read as the new model's), and the new model's
+    evaluation then runs without --overwrite; an unchanged rerun keeps them."""
+    from jobs.cli import main
+
+    data, enc = tiny
+    out = tmp_path / "ft"
+
+    def evaluate():
+        return main(["evaluate", "--data", str(data), "--adapter", str(out / "adapter"), "--split", "test",
+                     "--backend", "textrec", "--textrec-model", str(enc), "--local", "--max-users", "10",
+                     "--k", "5", "10", "20"])
+
+    assert _run(tiny, out) == 0 and evaluate() == 0
+    first = (out / "metrics-test.json").read_bytes()
+    assert _run(tiny, out) == 0  # same config: nothing retrained, the evaluation kept
+    assert (out / "metrics-test.json").read_bytes() == first
+    assert _run(tiny, out, "--lr", "0.001", "--overwrite") == 0
+    assert not (out / "metrics-test.json").exists() and not (out / "metrics-test.per_user.npz").exists()
+    assert not any(s.startswith("evaluate:") for s in json.loads((out / "manifest.json").read_text())["stages"])
+    assert evaluate() == 0  # the retrained adapter: evaluated, not refused
+    assert (out / "metrics-test.json").read_bytes() != first
