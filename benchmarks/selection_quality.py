@@ -127,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--tune-groups", type=int, nargs="+", default=[], help="dealrec tune grid of K")
     ap.add_argument("--tune-val-users", type=int, default=0, help="validation users per trial (0: all)")
     ap.add_argument("--prune-args", default="", help="extra `dealrec prune` options, one string")
+    ap.add_argument("--finetune-args", default="", help="extra `dealrec finetune` options, one string (e.g. "
+                    "'--val-samples 512 --patience 3': keep the epoch of least validation loss)")
     ap.add_argument("--ks", type=int, nargs="+", default=[5, 10, 20, 50])
     ap.add_argument("--n-boot", type=int, default=2000)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
@@ -155,11 +157,13 @@ def validate(a) -> None:
 
 #: the tiger options: left out of the fingerprint while unset, so that runs of the other backends keep theirs
 TIGER_OPTIONS = ("semantic_ids", "tiger_config", "tiger_checkpoint")
+#: options added after runs were recorded: left out of the fingerprint while unset (None or "")
+UNSET_FREE = (*TIGER_OPTIONS, "finetune_args")
 
 
 def fingerprint(a) -> str:
     return stable_hash({k: v for k, v in vars(a).items()
-                        if k not in RESULT_FREE and not (k in TIGER_OPTIONS and v is None)})
+                        if k not in RESULT_FREE and not (k in UNSET_FREE and v in (None, ""))})
 
 
 def start(a) -> Path:
@@ -241,7 +245,7 @@ def finetune_and_evaluate(a, data: Path, run: Path, seed: int, *, selected: np.n
             src = ["--selected", run / "selected.parquet"]
         job("finetune", ["--data", data, *src, "--out", run, *model_opts, "--strategy", a.strategy,
                          "--workers", a.workers, "--epochs", epochs, "--batch-size", a.batch_size, "--lr", a.lr,
-                         "--seed", seed, "--threads", a.threads, "--val-samples", 0,
+                         "--seed", seed, "--threads", a.threads, "--val-samples", 0, *a.finetune_args.split(),
                          *(["--time-budget-s", time_budget_s] if time_budget_s else [])])
     for split, users in (("test", a.max_test_users), ("valid", a.max_valid_users)):
         if (split == "valid" and a.no_valid) or (run / f"metrics-{split}.json").exists():

@@ -162,6 +162,7 @@ def test_tiger_options_are_validated_and_left_out_of_other_fingerprints(tmp_path
     from engine.config import stable_hash
 
     a = _args(tmp_path)
-    before = {k: v for k, v in vars(a).items() if k not in sq.RESULT_FREE and k not in sq.TIGER_OPTIONS}
+    before = {k: v for k, v in vars(a).items() if k not in sq.RESULT_FREE and k not in sq.UNSET_FREE}
     assert sq.fingerprint(a) == stable_hash(before)  # the fingerprint of runs made before TIGER existed
     assert sq.fingerprint(_args(tmp_path, "--backend", "tiger", "--semantic-ids", "/sid")) != sq.fingerprint(a)
+    assert sq.fingerprint(_args(tmp_path, "--finetune-args", "--patience 3")) != sq.fingerprint(a)
