@@ -9,6 +9,8 @@ pays it), then a comparison read from their folders:
                samples missing from run0's cache
     update-changed/   with ``--update-influence all changed``: also ``--update-influence changed``
                (surrogate and v frozen at run0's; only new and changed samples rescored)
+    score-cache-run0/  run0's effort cache, as run0 left it; each update run starts from its own
+               copy (score-cache-update/, ...), so one mode never reuses what another computed
 
 Printed (and written to OUT/daily.json / daily.md): wall time per stage and in total, scratch
 vs update and their ratio; CG iterations (update warm, run0 cold on OLD, scratch cold on NEW);
@@ -47,6 +49,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -82,6 +85,23 @@ def prune(out: Path, argv: list, timings: dict, log=print) -> None:
     if rc != 0:
         raise SystemExit(f"[daily] {name} failed (exit {rc}); rerun to resume")
     timings[name] = time.perf_counter() - t0
+
+
+def own_cache(out: Path, name: str, timings: dict) -> None:
+    """Give the update run ``name`` its own copy of the score cache as run0 left it
+    (OUT/score-cache-<name>, from the snapshot OUT/score-cache-run0 taken before any update ran),
+    so that an update run never reuses efforts that another update mode computed. Redone with
+    the run: a run not finished gets a fresh copy."""
+    snap, mine = out / "score-cache-run0", out / f"score-cache-{name}"
+    if not snap.exists():
+        tmp = out / ".score-cache-run0.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(out / "score-cache", tmp)
+        tmp.rename(snap)
+    if (out / name / "scores.parquet").exists() and name in timings:
+        return
+    shutil.rmtree(mine, ignore_errors=True)
+    shutil.copytree(snap, mine)
 
 
 def manifest(run: Path) -> dict:
@@ -222,9 +242,12 @@ def main(argv=None) -> int:
     extra = [*backend_argv(a), *a.prune_args.split()]
     new = Path(a.new).resolve()
     runs = [("run0", ["--data", old, *extra]), ("scratch", ["--data", new, "--score-cache", "off", *extra])]
-    runs += [(UPDATE_RUNS[mode], ["--data", new, "--update", out / "run0", "--update-influence", mode, *extra])
+    runs += [(UPDATE_RUNS[mode], ["--data", new, "--update", out / "run0", "--update-influence", mode,
+                                  "--score-cache", out / f"score-cache-{UPDATE_RUNS[mode]}", *extra])
              for mode in a.update_influence]
     for name, argv_ in runs:
+        if name in UPDATE_RUNS.values():
+            own_cache(out, name, timings)
         prune(out / name, argv_, timings)
         tf.write_text(json.dumps(timings, indent=2))
     res = {mode: compare(out, timings, UPDATE_RUNS[mode]) for mode in a.update_influence}
