@@ -254,6 +254,12 @@ def score_shards(
         max_restarts=max_restarts,
         max_task_retries=max_task_retries,
     )
+    # Ray Data's own no-progress guard (Ray 2.60: 30 min by default) counts only blocks that
+    # move; one shard is one block, so a shard that takes longer to score (8,192 samples of a
+    # slow LLM; the textrec effort of an 8,000-sample pool here: ExecutionTimeoutError after
+    # 1,800 s) failed a working job. The watchdog below replaces it: it counts a stall from
+    # the later of the last batch and the last heartbeat of a busy actor (stall_timeout_s).
+    ds.context.execution_no_progress_timeout_s = -1
     pending: dict[str, list[dict[str, np.ndarray]]] = {f: [] for f in todo}
     got: dict[str, set] = {f: set() for f in todo}
     written = rows_written = dropped = 0

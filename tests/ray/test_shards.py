@@ -101,6 +101,30 @@ def test_slow_live_batches_are_not_stalls(ray_cluster, sharded, tmp_path):
     np.testing.assert_allclose(read_shards(files, tmp_path).column("score").to_numpy(), expected(hist, 0.0)[:74])
 
 
+def test_a_shard_slower_than_ray_datas_no_progress_guard_still_finishes(ray_cluster, sharded, tmp_path):
+    """One shard is one Ray Data block: a shard that takes longer than Ray Data's no-progress guard
+    (DataContext.execution_no_progress_timeout_s, 30 min by default; 3 s here) moved no block in
+    that window and failed with ExecutionTimeoutError (the #20 pool-8000 textrec effort, 8,000
+    samples in one shard). The heartbeat watchdog is the stall guard; Ray's is off for the pool."""
+    import ray
+
+    from actors.shards import read_shards, score_shards
+
+    root, hist = sharded
+    files = sample_files(root)[:1]
+    ctx = ray.data.DataContext.get_current()
+    before = ctx.execution_no_progress_timeout_s
+    ctx.execution_no_progress_timeout_s = 3.0
+    try:
+        st = score_shards(files, tmp_path, SlowScorer, constructor_args=(0.0,), output_columns=("sample_id", "score"),
+                          batch_size=20, num_actors=1, num_cpus=0.5, stall_warn_s=0, stall_timeout_s=30.0,
+                          progress=lambda m: None)
+    finally:
+        ctx.execution_no_progress_timeout_s = before
+    assert st.shards_written == 1
+    np.testing.assert_allclose(read_shards(files, tmp_path).column("score").to_numpy(), expected(hist, 0.0)[:37])
+
+
 def test_pool_that_cannot_start_still_fails_as_a_stall(ray_cluster, sharded, tmp_path):
     """No actor can be placed (more CPUs than the cluster has): no beats, so the watchdog fires."""
     from actors.shards import StallError, score_shards
