@@ -71,10 +71,15 @@ STAGES = ("surrogate", "ihvp", "surrogate_scores", "effort", "select", "report")
 UPDATE_RUNS = {"all": "update", "changed": "update-changed"}
 
 
+def finished(run: Path, timings: dict) -> bool:
+    """Whether the prune run ``run`` finished in an earlier invocation (its wall time recorded)."""
+    return (run / "scores.parquet").exists() and run.name in timings
+
+
 def prune(out: Path, argv: list, timings: dict, log=print) -> None:
     """One `dealrec prune` subprocess, unless its run is finished; its wall time into ``timings``."""
     name = out.name
-    if (out / "scores.parquet").exists() and name in timings:
+    if finished(out, timings):
         log(f"[daily] {name}: done before ({timings[name]:.1f}s)")
         return
     cmd = [sys.executable, "-m", "jobs.cli", "prune", "--out", str(out), *map(str, argv)]
@@ -98,7 +103,7 @@ def own_cache(out: Path, name: str, timings: dict) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(out / "score-cache", tmp)
         tmp.rename(snap)
-    if (out / name / "scores.parquet").exists() and name in timings:
+    if finished(out / name, timings):
         return
     shutil.rmtree(mine, ignore_errors=True)
     shutil.copytree(snap, mine)

@@ -67,7 +67,7 @@ import pyarrow.parquet as pq  # noqa: E402
 
 from engine.compare import ALIGN, FULL_DATA, LLM_INFLUENCE, REFERENCE, VALID_TARGET, ZERO_SHOT, MethodRuns  # noqa: E402
 from engine.config import stable_hash, versions  # noqa: E402
-from jobs.backend_args import backend_argv, tiger_options  # noqa: E402
+from jobs.backend_args import TIGER_FLAGS, backend_argv, tiger_options  # noqa: E402
 from engine.errors import ConfigError, DealrecError, ResumeError, check  # noqa: E402
 from engine.selection import METHODS, REQUIRED_SCORES, SelectionConfig, select  # noqa: E402
 
@@ -155,8 +155,9 @@ def validate(a) -> None:
         raise ConfigError(p, config="selection-quality benchmark")
 
 
-#: the tiger options: left out of the fingerprint while unset, so that runs of the other backends keep theirs
-TIGER_OPTIONS = ("semantic_ids", "tiger_config", "tiger_checkpoint")
+#: the tiger options (jobs/backend_args.py): left out of the fingerprint while unset, so that runs of the
+#: other backends keep theirs
+TIGER_OPTIONS = tuple(TIGER_FLAGS)
 #: options added after runs were recorded: left out of the fingerprint while unset (None or "")
 UNSET_FREE = (*TIGER_OPTIONS, "finetune_args")
 
@@ -295,8 +296,9 @@ def run_benchmark(a, *, log=print) -> dict:
 
 
 def _record(out: Path, name: str, seed: int) -> dict:
-    f = out / "runs" / f"{name}__seed{seed}" / "finetune.json"
-    return json.loads(f.read_text()) if f.exists() else {}
+    from engine.compare import finetune_record
+
+    return finetune_record(out / "runs" / f"{name}__seed{seed}")
 
 
 def gather(a, out: Path, split: str) -> dict[str, MethodRuns]:

@@ -19,6 +19,7 @@ the selection-quality benchmark gathers them from its result files, a user from 
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ import numpy as np
 from engine.bootstrap import seed_pooled
 from engine.errors import DealrecError
 
-__all__ = ["MethodRuns", "load_runs", "ABLATIONS", "REFERENCE", "ALIGN", "VALID_TARGET", "LLM_INFLUENCE", "FULL_DATA", "ZERO_SHOT",
+__all__ = ["MethodRuns", "finetune_record", "load_runs", "ABLATIONS", "REFERENCE", "ALIGN", "VALID_TARGET", "LLM_INFLUENCE", "FULL_DATA", "ZERO_SHOT",
            "method_rows",
            "component_rows", "markdown_rows", "markdown_components", "csv_rows", "plot_rows"]
 
@@ -63,6 +64,12 @@ class MethodRuns:
     user_ids: np.ndarray | None = None
 
 
+def finetune_record(run: str | Path) -> dict:
+    """The ``finetune.json`` report of a benchmark run folder ({} before its fine-tune finished)."""
+    f = Path(run) / "finetune.json"
+    return json.loads(f.read_text()) if f.exists() else {}
+
+
 def load_runs(runs_dir: str | Path, seeds_of: Mapping[str, Sequence[int]], split: str) -> dict[str, MethodRuns]:
     """Per method, the per-user metrics of every finished seed of a benchmark's run folders.
 
@@ -71,8 +78,6 @@ def load_runs(runs_dir: str | Path, seeds_of: Mapping[str, Sequence[int]], split
     ``train_seconds``, ``optimizer_steps``; a run that trained no epoch counts 0 samples). A
     missing seed is skipped (a partial table); seeds evaluated on other users are an error.
     """
-    import json
-
     runs = {}
     for name, seeds in seeds_of.items():
         done, mats, recs, uids = [], {}, [], None
@@ -89,8 +94,7 @@ def load_runs(runs_dir: str | Path, seeds_of: Mapping[str, Sequence[int]], split
                 for k in z.files:
                     if "@" in k:
                         mats.setdefault(k, []).append(z[k])
-            rf = run / "finetune.json"
-            rec = json.loads(rf.read_text()) if rf.exists() else {}
+            rec = finetune_record(run)
             recs.append({"n_train": rec.get("n_train", 0) if rec.get("epochs_done") else 0,
                          "train_seconds": rec.get("train_seconds", 0.0), "optimizer_steps": rec.get("optimizer_steps", 0)})
             done.append(s)

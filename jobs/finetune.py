@@ -514,8 +514,7 @@ def fit(cfg: FinetuneConfig, *, overwrite: bool = False, payload: dict | None = 
         rd = run_dir(cfg)
         with output_errors(cfg.out, option="--out"):
             rd.check(hashes, overwrite=overwrite, recompute=("evaluate",))
-            if not rd.done("train"):
-                _drop_evaluations(rd)
+            _drop_evaluations(rd)  # this branch trains: metrics beside the folder are of an earlier model
             rd.set(backend=backend_record(cfg.backend, cfg.backend_options()))  # the run folder names its backend
         _write_config(cfg)
         if cfg.threads:
@@ -544,9 +543,10 @@ def fit(cfg: FinetuneConfig, *, overwrite: bool = False, payload: dict | None = 
 
 def _drop_evaluations(rd: RunDir) -> None:
     """Forget what ``dealrec evaluate`` recorded in this folder (stages ``evaluate:<file>``, see
-    jobs/evaluate.py ``eval_run``) and delete those metrics files: a training that is not done
-    (a first run, or one redone with ``--overwrite``) makes another model, so metrics of an
-    earlier one must neither be read as this model's nor block its evaluation."""
+    jobs/evaluate.py ``eval_run``) and delete those metrics files: a training that runs (a first
+    run, a resumed one, one redone with ``--overwrite``, or one whose exported model is gone)
+    makes another model, so metrics of an earlier one must neither be read as this model's nor
+    block its evaluation."""
     from jobs.evaluate import eval_run
 
     stale = [s for s in rd.manifest["stages"] if s.startswith("evaluate:")]
