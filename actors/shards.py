@@ -10,6 +10,9 @@ shard whose output exists; a driver killed mid-run loses only the shards in flig
 Every output shard is checked before it is written: its ``sample_id`` set must equal the
 input file's (no row lost, none scored twice). Rows that an actor restart re-delivered
 are dropped by ``sample_id`` (same deterministic score) and counted.
+
+:func:`score_shards_inline` is the same contract in the calling process (no pool, no Ray Data),
+for an update's small delta, where a pool's start-up costs more than the scoring.
 """
 
 from __future__ import annotations
@@ -157,6 +160,19 @@ def _write_shard(out_path: Path, rows: list[dict[str, np.ndarray]], expected_ids
     return len(uniq), dropped
 
 
+def _plan(files, out_dir, output_columns, progress, name) -> tuple[Path, list[str], list[str]]:
+    """(out folder, resolved input files, those without a finished output); logs 'all done'."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = [str(Path(f).resolve()) for f in files]
+    if "sample_id" not in output_columns:
+        raise ValueError("output_columns must include 'sample_id'")
+    todo = [f for f in files if not shard_output_path(out, f).exists()]
+    if not todo:
+        progress(f"[{name}] all {len(files)} shards already done; skipping")
+    return out, files, todo
+
+
 def score_shards(
     files: Sequence[str | os.PathLike],
     out_dir: str | os.PathLike,
@@ -210,15 +226,9 @@ def score_shards(
         StallError: no progress for ``stall_timeout_s``.
     """
     t0 = time.perf_counter()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    files = [str(Path(f).resolve()) for f in files]
-    if "sample_id" not in output_columns:
-        raise ValueError("output_columns must include 'sample_id'")
-    todo = [f for f in files if not shard_output_path(out, f).exists()]
+    out, files, todo = _plan(files, out_dir, output_columns, progress, name)
     skipped = len(files) - len(todo)
     if not todo:
-        progress(f"[{name}] all {len(files)} shards already done; skipping")
         return ShardRunStats(len(files), skipped, 0, 0, 0, time.perf_counter() - t0)
     expected = {f: _input_ids(f) for f in todo}
     total_rows = sum(len(v) for v in expected.values())
@@ -307,6 +317,67 @@ def score_shards(
                 ray.kill(heartbeat)
             except Exception:  # already gone
                 pass
+
+
+def score_shards_inline(
+    files: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    scorer_cls: type,
+    *,
+    constructor_args: tuple = (),
+    constructor_kwargs: dict[str, Any] | None = None,
+    input_columns: Sequence[str] = ("sample_id", "history", "target"),
+    output_columns: Sequence[str],
+    batch_size: int = 256,
+    threads: int = 1,
+    progress: Callable[[str], None] = print,
+    name: str = "scores",
+) -> ShardRunStats:
+    """:func:`score_shards` in this process: one ``scorer_cls`` built here, no actor pool.
+
+    For a handful of rows (an update's delta: the score cache holds the rest), where starting a
+    pool and loading a model replica in each actor costs more than the scoring itself. Same
+    contract as :func:`score_shards`: the scorer class and its arguments (ObjectRefs resolve in
+    this process), batches of ``batch_size`` rows in Ray Data's numpy format, every shard checked
+    against its input ids and written atomically, finished shards skipped. ``threads``: torch's
+    intra-op threads while scoring (Ray gives an actor of ``num_cpus`` CPUs that many), restored
+    after.
+    """
+    import torch
+    from ray.data.block import BlockAccessor
+
+    t0 = time.perf_counter()
+    out, files, todo = _plan(files, out_dir, output_columns, progress, name)
+    skipped = len(files) - len(todo)
+    if not todo:
+        return ShardRunStats(len(files), skipped, 0, 0, 0, time.perf_counter() - t0)
+    total_rows = sum(pq.read_metadata(f).num_rows for f in todo)
+    progress(f"[{name}] scoring {len(todo)} shards ({total_rows} samples) in this process, {skipped} already done; "
+             f"batch {batch_size}, {threads} thread(s)")
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(threads)))
+    written = rows_written = dropped = done_rows = 0
+    last = time.perf_counter()
+    try:
+        scorer = scorer_cls(*constructor_args, **dict(constructor_kwargs or {}))
+        for f in todo:
+            table = pq.read_table(f, columns=list(input_columns))
+            rows = []
+            for lo in range(0, table.num_rows, batch_size):
+                batch = BlockAccessor.for_block(table.slice(lo, batch_size)).to_batch_format("numpy")
+                res = scorer(batch)
+                rows.append({c: np.asarray(res[c]) for c in output_columns})
+                done_rows += len(rows[-1]["sample_id"])
+                if time.perf_counter() - last > 10:
+                    last = time.perf_counter()
+                    progress(f"[{name}] {done_rows}/{total_rows} samples, {written}/{len(todo)} shards")
+            n, d = _write_shard(shard_output_path(out, f), rows, table.column("sample_id").to_numpy(), output_columns)
+            written, rows_written, dropped = written + 1, rows_written + n, dropped + d
+    finally:
+        torch.set_num_threads(before)
+    wall = time.perf_counter() - t0
+    progress(f"[{name}] done: {rows_written} samples in {written} shards, {wall:.1f}s (in this process)")
+    return ShardRunStats(len(files), skipped, written, rows_written, dropped, wall)
 
 
 def _beat_age(heartbeat) -> float | None:

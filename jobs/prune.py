@@ -140,10 +140,12 @@ class ScaleConfig:
     address: str = field(default="", metadata={"help": "Ray address (default: RAY_ADDRESS, else the cluster of the last `ray start` if it answers, else a local instance)"})
     max_restarts: int = field(default=3, metadata={"help": "actor restarts allowed (node loss)"})
     max_task_retries: int = field(default=-1, metadata={"help": "task retries allowed (node loss; -1 = unlimited, Ray Data's default)"})
+    inline_max_rows: int = field(default=256, metadata={"help": "a scoring stage whose rows to score are a delta (the score cache or --update's RUN0 holds the others) of at most this many samples scores them in the job's own process, with no actor pool to start (0 = always the pool); needs the resources of one actor on this machine"})
 
     def __post_init__(self) -> None:
         p: list[str] = []
-        for name in ("influence_actors", "effort_actors", "influence_max_actors", "effort_max_actors"):
+        for name in ("influence_actors", "effort_actors", "influence_max_actors", "effort_max_actors",
+                     "inline_max_rows"):
             check(p, int(getattr(self, name)) >= 0, f"{name} must be >= 0, got {getattr(self, name)!r}")
         for name in ("max_restarts", "max_task_retries"):
             check(p, int(getattr(self, name)) >= -1, f"{name} must be >= -1 (-1 = unlimited), got {getattr(self, name)!r}")
@@ -597,9 +599,9 @@ def run_prune(cfg: PruneJobConfig, *, log=print) -> dict:
         pool = plan_stage_pool(ray, cfg, "influence", len(files))
         log(f"[influence] pool: {pool.describe()}")
 
-        def score_influence(todo, out_dir):
+        def score_influence(todo, out_dir, delta=False):
             return score_shards_stage(
-                ray, todo, out_dir, SurrogateScorer,
+                ray, todo, out_dir, SurrogateScorer, delta=delta,
                 constructor_args=(state_ref, v_ref),
                 constructor_kwargs={"n_train": n, "batch_size": cfg.scale.influence_micro_batch,
                                     "what": cfg.surrogate_columns, "method": cfg.influence.method,
@@ -672,9 +674,9 @@ def run_prune(cfg: PruneJobConfig, *, log=print) -> dict:
             with resume_artifact(run.path("llm_target")):
                 kwargs["u_ref"] = ray.put(np.load(run.path("llm_target") / "u.npy", allow_pickle=False))
 
-        def score_effort(todo, out_dir):
+        def score_effort(todo, out_dir, delta=False):
             return score_shards_stage(
-                ray, todo, out_dir, ContentSeededEffortScorer,  # randomness keyed by content, not by row
+                ray, todo, out_dir, ContentSeededEffortScorer, delta=delta,  # randomness keyed by content
                 constructor_args=(cfg.backend, options, titles_ref),
                 constructor_kwargs=kwargs, input_columns=INPUT_COLUMNS,
                 output_columns=("sample_id", "effort", *(("llm_influence",) if need_llm else ())),
@@ -717,10 +719,47 @@ def resume_artifact(path: Path):
                         "recompute that stage (or rerun into a fresh --out)", path=path) from None
 
 
-def score_shards_stage(ray, files, out_dir, scorer, *, constructor_args, constructor_kwargs, output_columns,
-                       batch_size, pool, cfg, log, name, input_columns=("sample_id", "history", "target")) -> dict:
-    from actors.shards import score_shards
+def inline_reason(cfg: PruneJobConfig, pool, files, out_dir, *, delta: bool) -> str | None:
+    """Why a scoring stage runs in this process (None: on the actor pool).
 
+    Only a delta (``delta``: a score cache or RUN0 holds the stage's other rows) of at most
+    ``--inline-max-rows`` samples, on a machine with one actor's GPUs: there, starting the pool and
+    loading a model replica per actor (~10-20 s here) outweighs scoring a few hundred samples in one
+    process. A from-scratch stage always uses the pool."""
+    from actors.shards import shard_output_path
+
+    limit = cfg.scale.inline_max_rows
+    if not delta or not limit:
+        return None
+    rows = sum(pq.read_metadata(f).num_rows for f in files if not shard_output_path(Path(out_dir), f).exists())
+    if not 0 < rows <= limit:
+        return None
+    if pool.gpus > 0:
+        import torch
+
+        if torch.cuda.device_count() < pool.gpus:
+            return None
+    return (f"{rows} sample(s) to score, a delta of at most --inline-max-rows {limit}: scored in the job's "
+            "process (no actor pool to start)")
+
+
+def score_shards_stage(ray, files, out_dir, scorer, *, constructor_args, constructor_kwargs, output_columns,
+                       batch_size, pool, cfg, log, name, input_columns=("sample_id", "history", "target"),
+                       delta: bool = False) -> dict:
+    """Score ``files`` into ``out_dir`` on the stage's actor pool, or, for a small delta
+    (:func:`inline_reason`), in this process with the same scorer class and arguments."""
+    from actors.shards import score_shards, score_shards_inline
+
+    why = inline_reason(cfg, pool, files, out_dir, delta=delta)
+    if why is not None:
+        log(f"[{name}] {why}")
+        st = score_shards_inline(files, out_dir, scorer, constructor_args=constructor_args,
+                                 constructor_kwargs=constructor_kwargs, output_columns=output_columns,
+                                 input_columns=input_columns, batch_size=batch_size, threads=int(pool.cpus),
+                                 progress=log, name=name)
+        return {"shards_total": st.shards_total, "shards_skipped": st.shards_skipped,
+                "shards_written": st.shards_written, "rows_written": st.rows_written,
+                "duplicate_rows_dropped": st.duplicate_rows_dropped, "where": "driver", "where_why": why}
     knobs = (f"--{name}-cpus {pool.cpus:g} / --{name}-actors / --{name}-max-actors"
              + (f" / --effort-gpus {pool.gpus:g}" if name == "effort" else "")
              + f", --stall-timeout-s {cfg.scale.stall_timeout_s:g}")
@@ -737,7 +776,8 @@ def score_shards_stage(ray, files, out_dir, scorer, *, constructor_args, constru
             "duplicate_rows_dropped": st.duplicate_rows_dropped, "actors": pool.initial,
             "actors_min": pool.min_size, "actors_max": pool.max_size, "actors_per_node": list(pool.per_node),
             "cpus_per_actor": pool.cpus, "gpus_per_actor": pool.gpus,
-            "max_restarts": cfg.scale.max_restarts, "max_task_retries": cfg.scale.max_task_retries}
+            "max_restarts": cfg.scale.max_restarts, "max_task_retries": cfg.scale.max_task_retries,
+            "where": "actor pool"}
 
 
 def _npy_bytes(a) -> bytes:

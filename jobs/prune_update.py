@@ -423,10 +423,10 @@ def _write_table(path: Path, table: pa.Table) -> None:
 
 
 def score_missing(files: Sequence[Path], parts: Sequence[dict[str, np.ndarray]], store, out_dir: Path,
-                  columns: Sequence[str], score: Callable[[list[str]], dict], *, record: dict,
+                  columns: Sequence[str], score: Callable[..., dict], *, record: dict,
                   save: Callable[[], None], log: Callable[[str], None] = print, name: str = "effort") -> dict:
-    """Score, through ``score(todo_files)`` (the shard runner into ``out_dir``), only the rows whose
-    key ``store`` lacks; then write ``out_dir/<stem>.parquet`` (sample_id + ``columns``) for every
+    """Score, through ``score(todo_files, delta=...)`` (the shard runner into ``out_dir``; ``delta``:
+    the store held some rows, so the todo is a delta), only the rows whose key ``store`` lacks; then write ``out_dir/<stem>.parquet`` (sample_id + ``columns``) for every
     file, every value read back from ``store`` (so reused values are bit for bit the stored ones).
 
     ``store``: ``lookup(keys) -> ({col: values}, found)`` and ``add(keys, {col: values})``
@@ -490,7 +490,8 @@ def score_missing(files: Sequence[Path], parts: Sequence[dict[str, np.ndarray]],
     log(f"[{name}] {record['lookup']['hits']} of {sum(len(p['sample_id']) for p in parts)} samples held by the "
         f"{'score cache' if hasattr(store, 'dir') else 'reused scores'}; scoring the rest "
         f"({len(todo) - len(complete)} shard(s) to score, {len(complete)} done before)")
-    st = score(todo) if todo else {"shards_total": 0, "shards_skipped": 0, "shards_written": 0, "rows_written": 0,
+    # a delta when the store held rows at the first invocation (jobs/prune.inline_reason)
+    st = score(todo, delta=record["lookup"]["hits"] > 0) if todo else {"shards_total": 0, "shards_skipped": 0, "shards_written": 0, "rows_written": 0,
                                    "duplicate_rows_dropped": 0}
     # 4. scored rows into the store; every shard written whole from it
     for f, part in zip(files, parts):
@@ -534,7 +535,8 @@ def effort_stage(day: Day, run, files, *, backend: str, options: dict, base: str
         day.note(run, "effort", reused=0, recomputed=day.n, why=why)
         return {**st, "score_cache": {"dir": None, "why": why}}
     rec = run.manifest["stages"].setdefault("effort", {})
-    st = score_missing(files, day.parts, cache, out_dir, ("effort",), lambda todo: score(todo, out_dir),
+    st = score_missing(files, day.parts, cache, out_dir, ("effort",),
+                       lambda todo, delta: score(todo, out_dir, delta=delta),
                        record=rec.setdefault("score_cache", {}), save=run.save, log=log, name="effort")
     info = {"dir": str(cache.root), "key": cache.key, "config": conf, "hits": st["reused"], "misses": st["scored"],
             "scored_this_invocation": st["scored_this_invocation"], "rows_added": st["stored_rows_added"],
@@ -559,7 +561,8 @@ def influence_changed_stage(day: Day, run, files, *, columns: Sequence[str], sco
     store = day.influence_store(columns)
     out_dir = run.path("shards/surrogate")
     rec = run.manifest["stages"].setdefault("surrogate_scores", {}).setdefault("reuse", {})
-    st = score_missing(files, day.parts, store, out_dir, tuple(columns), lambda todo: score(todo, out_dir),
+    st = score_missing(files, day.parts, store, out_dir, tuple(columns),
+                       lambda todo, delta: score(todo, out_dir, delta=delta),
                        record=rec, save=run.save, log=log, name="influence")
     why = ("--update-influence changed: surrogate and v frozen at RUN0's, so an unchanged sample's influence is "
            "RUN0's (rescaled by n0/n); new and changed samples scored")

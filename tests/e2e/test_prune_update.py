@@ -80,6 +80,7 @@ def test_update_rescores_changed_samples_and_reuses_unchanged(run0, days, llm_ca
     # effort: the LLM scored exactly the new and changed samples (cache misses), nothing else
     eff = man["stages"]["effort"]
     assert eff["score_cache"]["misses"] == eff["rows_written"] == n_fresh
+    assert eff["where"] == "driver" and n_fresh <= 256  # a small delta: in the job's process, no pool
     assert eff["score_cache"]["hits"] == 240 - n_fresh and eff["score_cache"]["conflicts"] == 0
     assert eff["score_cache"]["rows_in_cache"] == 210 + n_fresh
     assert up["effort_cache"] == {"hits": 240 - n_fresh, "misses": n_fresh}
@@ -95,6 +96,7 @@ def test_update_rescores_changed_samples_and_reuses_unchanged(run0, days, llm_ca
     assert ih["x0"] == "RUN0's v" and ih["warm"]["iterations"] is not None
     assert up["cg_iterations"]["cold"] == man0["stages"]["ihvp"]["iterations"]
     assert man["stages"]["surrogate_scores"]["rows_written"] == 240
+    assert man["stages"]["surrogate_scores"]["where"] == "actor pool"  # every sample: not a delta
     scores = pq.read_table(out / "scores.parquet").to_pandas()
     assert np.isfinite(scores[["influence", "effort", "score"]]).all().all()
     assert len(pq.read_table(out / "selected.parquet")) == 40
@@ -129,6 +131,36 @@ def test_changed_llm_config_invalidates_the_cache(run0, days, llm_cache, tmp_pat
     np.testing.assert_allclose([a for a, _ in reused], [b for _, b in reused], rtol=1e-12)
 
 
+def test_small_delta_scored_in_process_equals_the_actor_pool(run0, days, llm_cache, tmp_path):
+    """--update-influence changed: effort and influence of the new and changed samples only. Scored
+    in the job's process (the default for a delta of <= --inline-max-rows) or on the actor pools
+    (--inline-max-rows 0): effort bit for bit (the effort engine batches canonically), influence to
+    float32 rounding (the pool's Ray Data batches bundle rows of several small shards; the surrogate's
+    padded forward sums in another order), the same selection."""
+    r0, _, snapshot, _ = run0
+    runs = {}
+    for name, extra in (("inline", ()), ("pool", ("--inline-max-rows", "0"))):
+        c = tmp_path / f"cache-{name}"
+        shutil.copytree(snapshot, c)
+        out = tmp_path / name
+        man = run_job(days[1], out, *BUDGET, "--update", str(r0), "--score-cache", str(c),
+                      "--update-influence", "changed", *extra, cache=llm_cache)
+        runs[name] = (out, man)
+    n_fresh = int((_status(r0, runs["inline"][0]) != STATUS["unchanged"]).sum())
+    for name, where in (("inline", "driver"), ("pool", "actor pool")):
+        st = runs[name][1]["stages"]
+        assert st["effort"]["where"] == st["surrogate_scores"]["where"] == where, name
+        assert st["effort"]["rows_written"] == st["surrogate_scores"]["rows_written"] == n_fresh > 0
+    assert "--inline-max-rows 256" in runs["inline"][1]["stages"]["effort"]["where_why"]
+    a, b = (pq.read_table(runs[n][0] / "scores.parquet").sort_by("sample_id") for n in ("inline", "pool"))
+    np.testing.assert_array_equal(a.column("effort").to_numpy(), b.column("effort").to_numpy())
+    for col in ("influence", "score"):
+        np.testing.assert_allclose(a.column(col).to_numpy(), b.column(col).to_numpy(), rtol=1e-6, atol=1e-12,
+                                   err_msg=col)
+    np.testing.assert_array_equal(*(pq.read_table(runs[n][0] / "selected.parquet").column("sample_id").to_numpy()
+                                    for n in ("inline", "pool")))
+
+
 def test_update_of_another_catalogue_or_surrogate_is_refused(run0, days, tmp_path, capsys):
     from engine.data.prepare import PrepareConfig, prepare
     from jobs.cli import main
@@ -157,7 +189,8 @@ def test_killed_update_reruns_and_scores_every_sample_once(run0, days, llm_cache
     out = tmp_path / "killed"
     env = {**os.environ, "RAY_ADDRESS": "local", "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, str(ROOT / "jobs" / "prune.py"), "--data", str(days[1]), "--out", str(out), *BUDGET,
-           "--update", str(r0), "--score-cache", str(c), "--llm-cache", str(llm_cache), *FAST]
+           "--update", str(r0), "--score-cache", str(c), "--llm-cache", str(llm_cache), *FAST,
+           "--inline-max-rows", "0"]  # the actor pool (a small delta in-process may end before the kill)
     shards = out / "shards" / "effort"
     start_and_kill_after_shards(cmd, env, shards)
     done_before = sum(pq.read_metadata(p).num_rows for p in shards.glob("*.parquet"))

@@ -75,6 +75,44 @@ def test_resume_skips_finished_shards(ray_cluster, sharded, tmp_path):
     assert st.shards_written == 0 and st.shards_skipped == 6
 
 
+class DroppingScorer(ReversingScorer):
+    """Loses the last row of every batch: the shard check must refuse the output."""
+
+    def __call__(self, batch):
+        out = super().__call__(batch)
+        return {k: v[:-1] for k, v in out.items()}
+
+
+def test_inline_runner_writes_the_pools_shards(ray_cluster, sharded, tmp_path):
+    """score_shards_inline (an update's small delta, in the job's process): the same scorer class and
+    ObjectRef arguments as the pool, the same shard files value for value, finished shards skipped,
+    torch's thread count restored, a lost row refused with nothing written for that shard."""
+    import torch
+
+    from actors.shards import score_shards, score_shards_inline, shard_output_path
+
+    root, hist = sharded
+    files = sample_files(root)
+    ref = ray_cluster.put(2.0)
+    kw = dict(constructor_args=(ref,), output_columns=("sample_id", "score"), batch_size=16, progress=lambda m: None)
+    score_shards(files, tmp_path / "pool", ReversingScorer, num_cpus=0.5, **kw)
+    threads = torch.get_num_threads()
+    st = score_shards_inline(files, tmp_path / "inline", ReversingScorer, threads=1, **kw)
+    assert (st.shards_written, st.rows_written, st.shards_skipped) == (6, 200, 0)
+    assert torch.get_num_threads() == threads
+    for f in files:
+        assert pq.read_table(shard_output_path(tmp_path / "inline", f)).equals(
+            pq.read_table(shard_output_path(tmp_path / "pool", f)))
+    shard_output_path(tmp_path / "inline", files[2]).unlink()
+    st = score_shards_inline(files, tmp_path / "inline", ReversingScorer, **kw)
+    assert (st.shards_written, st.shards_skipped) == (1, 5)
+    from engine.errors import DealrecError
+
+    with pytest.raises(DealrecError, match="do not match the input"):
+        score_shards_inline(files[:1], tmp_path / "drop", DroppingScorer, **kw)
+    assert not list((tmp_path / "drop").glob("*.parquet")) and torch.get_num_threads() == threads
+
+
 class SlowScorer(ReversingScorer):
     """Each batch takes longer than the stall timeout, but the actor is alive and working."""
 
