@@ -23,6 +23,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,26 +60,23 @@ class ShardRunStats:
     wall_s: float
 
 
-class _PathCarrier:
-    """Wraps a scorer so that each output row keeps the input file it came from.
+class Beating:
+    """Wraps a Ray Data callable class so that its actor tells a heartbeat actor "alive and
+    working" every ``beat_s`` seconds while it builds its model or scores a batch: the driver's
+    stall watchdog (:func:`watched_batches`) then tells a slow batch from a stalled pool."""
 
-    The inner scorer may reorder rows (e.g. bucketing by length); rows are matched
-    back to their file by ``sample_id``.
-    """
-
-    def __init__(self, scorer_cls: type, args: tuple, kwargs: dict, heartbeat=None, beat_s: float = 0.0):
+    def __init__(self, inner_cls: type, args: tuple, kwargs: dict, heartbeat=None, beat_s: float = 0.0):
         self._busy = 1  # constructing (model loading) counts as work
         if heartbeat is not None and beat_s > 0:
             threading.Thread(target=self._beat, args=(heartbeat, beat_s), daemon=True,
                              name="dealrec-heartbeat").start()
         try:
-            self.inner = scorer_cls(*args, **kwargs)
+            self.inner = inner_cls(*args, **kwargs)
         finally:
             self._busy = 0
 
     def _beat(self, heartbeat, beat_s: float) -> None:
-        # Tell the driver's watchdog "alive and working" while a batch (or start-up) is in
-        # progress: a slow batch on a loaded machine is not a stall.
+        # a slow batch on a loaded machine is not a stall
         while True:
             if self._busy:
                 try:
@@ -95,6 +93,17 @@ class _PathCarrier:
             self._busy -= 1
 
     def _call(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.inner(batch)
+
+
+class _PathCarrier(Beating):
+    """Wraps a scorer so that each output row keeps the input file it came from.
+
+    The inner scorer may reorder rows (e.g. bucketing by length); rows are matched
+    back to their file by ``sample_id``.
+    """
+
+    def _call(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         paths = batch.pop(PATH_COLUMN)
         ids_in = np.asarray(batch["sample_id"], dtype=np.int64)
         out = self.inner(batch)
@@ -104,6 +113,39 @@ class _PathCarrier:
         out = dict(out)
         out[PATH_COLUMN] = np.asarray(paths)[order[pos]]
         return out
+
+
+@contextmanager
+def heartbeat_actor(stall_warn_s: float, stall_timeout_s: float):
+    """``(heartbeat actor, beat period)`` for a pool's :class:`Beating` actors (``(None, 0.0)`` when
+    both guards are off): a zero-CPU actor, schedulable on any node, so that it cannot itself be
+    starved; killed on exit."""
+    heartbeat, beat_s = None, 0.0
+    if stall_timeout_s or stall_warn_s:
+        beat_s = max(0.5, min(10.0, *(t / 6 for t in (stall_warn_s, stall_timeout_s) if t)))
+        heartbeat = ray.remote(num_cpus=0)(_Heartbeat).remote()
+    try:
+        yield heartbeat, beat_s
+    finally:
+        if heartbeat is not None:
+            try:
+                ray.kill(heartbeat)
+            except Exception:  # already gone
+                pass
+
+
+def watched_batches(ds, *, heartbeat, stall_warn_s: float, stall_timeout_s: float, knobs: str = "",
+                    name: str = "scores", progress: Callable[[str], None] = print):
+    """The output batches of ``ds`` (numpy, as produced), under the heartbeat watchdog of
+    :func:`_watched` instead of Ray Data's own no-progress guard.
+
+    Ray Data's guard (Ray 2.60: 30 min by default) counts only blocks that move; one block of a
+    slow model (8,192 samples of an LLM's effort; the textrec effort of an 8,000-sample pool here:
+    ExecutionTimeoutError after 1,800 s) failed a working job. The watchdog counts a stall from the
+    later of the last batch and the last beat of a busy actor."""
+    ds.context.execution_no_progress_timeout_s = -1
+    return _watched(ds.iter_batches(batch_format="numpy", batch_size=None), warn_s=stall_warn_s,
+                    timeout_s=stall_timeout_s, knobs=knobs, name=name, progress=progress, heartbeat=heartbeat)
 
 
 class _Heartbeat:
@@ -245,42 +287,29 @@ def score_shards(
     ds = ray.data.from_items(todo, override_num_blocks=len(todo)).map_batches(
         _read_shard, fn_kwargs={"columns": list(input_columns)}, batch_size=1, batch_format="pyarrow",
         num_cpus=READ_CPUS, compute=ray.data.TaskPoolStrategy(size=READ_CONCURRENCY))
-    # A beat every few seconds from each busy actor, to a zero-CPU actor (schedulable on any
-    # node, so it cannot itself be starved); the watchdog counts a stall from the later of
-    # the last batch and the last beat.
-    heartbeat = beat_s = None
-    if stall_timeout_s or stall_warn_s:
-        beat_s = max(0.5, min(10.0, *(t / 6 for t in (stall_warn_s, stall_timeout_s) if t)))
-        heartbeat = ray.remote(num_cpus=0)(_Heartbeat).remote()
-    ds = ds.map_batches(
-        _PathCarrier,
-        fn_constructor_args=(scorer_cls, tuple(constructor_args), dict(constructor_kwargs or {}), heartbeat,
-                             beat_s or 0.0),
-        compute=ray.data.ActorPoolStrategy(min_size=min_actors, max_size=max_actors, initial_size=int(num_actors)),
-        batch_size=batch_size,
-        batch_format="numpy",
-        num_cpus=num_cpus,
-        num_gpus=num_gpus,
-        max_restarts=max_restarts,
-        max_task_retries=max_task_retries,
-    )
-    # Ray Data's own no-progress guard (Ray 2.60: 30 min by default) counts only blocks that
-    # move; one shard is one block, so a shard that takes longer to score (8,192 samples of a
-    # slow LLM; the textrec effort of an 8,000-sample pool here: ExecutionTimeoutError after
-    # 1,800 s) failed a working job. The watchdog below replaces it: it counts a stall from
-    # the later of the last batch and the last heartbeat of a busy actor (stall_timeout_s).
-    ds.context.execution_no_progress_timeout_s = -1
-    pending: dict[str, list[dict[str, np.ndarray]]] = {f: [] for f in todo}
-    got: dict[str, set] = {f: set() for f in todo}
-    written = rows_written = dropped = 0
-    done_rows = 0
-    last = time.perf_counter()
-    # Paths that Ray Data reports may differ in form (e.g. no leading '/'); normalise.
-    norm = {os.path.normpath(f).lstrip("/"): f for f in todo}
-    batches = _watched(ds.iter_batches(batch_format="numpy", batch_size=None), warn_s=stall_warn_s,
-                       timeout_s=stall_timeout_s, knobs=stall_knobs, name=name, progress=progress,
-                       heartbeat=heartbeat)
-    try:
+    with heartbeat_actor(stall_warn_s, stall_timeout_s) as (heartbeat, beat_s):
+        ds = ds.map_batches(
+            _PathCarrier,
+            fn_constructor_args=(scorer_cls, tuple(constructor_args), dict(constructor_kwargs or {}), heartbeat,
+                                 beat_s or 0.0),
+            compute=ray.data.ActorPoolStrategy(min_size=min_actors, max_size=max_actors, initial_size=int(num_actors)),
+            batch_size=batch_size,
+            batch_format="numpy",
+            num_cpus=num_cpus,
+            num_gpus=num_gpus,
+            max_restarts=max_restarts,
+            max_task_retries=max_task_retries,
+        )
+        pending: dict[str, list[dict[str, np.ndarray]]] = {f: [] for f in todo}
+        got: dict[str, set] = {f: set() for f in todo}
+        written = rows_written = dropped = 0
+        done_rows = 0
+        last = time.perf_counter()
+        # Paths that Ray Data reports may differ in form (e.g. no leading '/'); normalise.
+        norm = {os.path.normpath(f).lstrip("/"): f for f in todo}
+        # one shard is one block: Ray Data's no-progress guard is off, the heartbeat watchdog is on
+        batches = watched_batches(ds, heartbeat=heartbeat, stall_warn_s=stall_warn_s, stall_timeout_s=stall_timeout_s,
+                                  knobs=stall_knobs, name=name, progress=progress)
         for batch in batches:
             paths = batch[PATH_COLUMN]
             for p in np.unique(paths):
@@ -311,12 +340,6 @@ def score_shards(
         progress(f"[{name}] done: {rows_written} samples in {written} shards, {wall:.1f}s"
                  + (f", {dropped} re-delivered rows dropped" if dropped else ""))
         return ShardRunStats(len(files), skipped, written, rows_written, dropped, wall)
-    finally:
-        if heartbeat is not None:
-            try:
-                ray.kill(heartbeat)
-            except Exception:  # already gone
-                pass
 
 
 def score_shards_inline(

@@ -118,6 +118,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace metrics at --out that another config (or another adapter) wrote")
     parser.add_argument("--address", default=None, help="Ray address")
+    parser.add_argument("--stall-warn-s", type=float, default=120.0,
+                        help="a model pool with no batch ranked and no actor working for this many seconds logs the "
+                             "cluster's pending resource demands (0 = never)")
+    parser.add_argument("--stall-timeout-s", type=float, default=1800.0,
+                        help="... and fails with a clear error after this many seconds (0 = wait forever); a slow "
+                             "batch of a working actor is not a stall")
 
 
 def _adapter_base(adapter: str | None) -> str | None:
@@ -230,6 +236,10 @@ def config_from_args(args) -> tuple[EvalConfig, dict]:
         problems.extend(tiger_config_fields(args)[1])
     if args.workers < 1:
         problems.append(f"--workers {args.workers} must be >= 1")
+    for name in ("stall_warn_s", "stall_timeout_s"):
+        v = getattr(args, name, 0.0)
+        if not v >= 0:
+            problems.append(f"--{name.replace('_', '-')} {v!r} must be >= 0 (0 = off)")
     if "evaluate" in built:  # the metrics file (and per-user values beside it) is checked before evaluating
         why = writable_problem(metrics_path(built["evaluate"], args.out, adapter=args.adapter, backend=args.backend),
                                option="--out", kind="file")
@@ -287,50 +297,71 @@ def _blocks(tbl: pa.Table, n: int) -> list[pa.Table]:
     return [tbl.slice(int(a), int(b - a)) for a, b in zip(edges[:-1], edges[1:]) if b > a] or [tbl]
 
 
+def pool_batches(ds, cls, kwargs: dict, *, workers: int, use_gpu: bool, batch_size: int,
+                 stall: tuple[float, float] = (120.0, 1800.0), name: str = "evaluate") -> list[dict]:
+    """The output batches of ``ds`` mapped by a pool of ``workers`` ``cls`` actors.
+
+    Under the heartbeat watchdog of the shard runner (actors.shards.watched_batches), not Ray
+    Data's no-progress guard: a block here is a quarter of a worker's users, and a slow model
+    ranking it for longer than the guard's 30 min would fail a working evaluation. ``stall``:
+    (warn, timeout) seconds without a batch and with no actor working (0 = off)."""
+    import ray
+
+    from actors.rank import actor_resources
+    from actors.shards import Beating, heartbeat_actor, watched_batches
+
+    warn, timeout = stall
+    with heartbeat_actor(warn, timeout) as (heartbeat, beat_s):
+        mapped = ds.map_batches(Beating, fn_constructor_args=(cls, (), kwargs, heartbeat, beat_s),
+                                compute=ray.data.ActorPoolStrategy(size=workers), batch_size=batch_size,
+                                batch_format="numpy", **actor_resources(use_gpu=use_gpu))
+        return list(watched_batches(mapped, heartbeat=heartbeat, stall_warn_s=warn, stall_timeout_s=timeout,
+                                    knobs=f"--workers {workers} / --gpu, --stall-timeout-s {timeout:g}", name=name,
+                                    progress=print))
+
+
 def fill_title_cache_ray(ray, spec: dict, titles_ref, missing: list[str], *, workers: int, use_gpu: bool,
-                         batch_size: int = 32) -> np.ndarray:
+                         batch_size: int = 32, stall: tuple[float, float] = (120.0, 1800.0)) -> np.ndarray:
     """Embeddings of the ``missing`` titles through a Ray Data ``TitleEmbedder`` pool (index order)."""
-    from actors.rank import TitleEmbedder, actor_resources
+    from actors.rank import TitleEmbedder
 
     tbl = pa.table({"title_idx": np.arange(len(missing), dtype=np.int64), "title": missing})
     n_blocks = max(1, min(len(missing) // max(1, batch_size), 4 * workers))
-    ds = ray.data.from_arrow(_blocks(tbl, n_blocks)).map_batches(
-        TitleEmbedder, fn_constructor_kwargs={"backend": spec["backend"], "titles": titles_ref,
-                                              "options": spec["options"], "use_gpu": use_gpu},
-        compute=ray.data.ActorPoolStrategy(size=workers), batch_size=batch_size, batch_format="numpy",
-        **actor_resources(use_gpu=use_gpu))
-    rows = ds.take_all()
-    emb = np.zeros((len(missing), len(rows[0]["embedding"])), dtype=np.float32)
-    for r in rows:
-        emb[int(r["title_idx"])] = r["embedding"]
+    batches = pool_batches(ray.data.from_arrow(_blocks(tbl, n_blocks)), TitleEmbedder,
+                           {"backend": spec["backend"], "titles": titles_ref, "options": spec["options"],
+                            "use_gpu": use_gpu},
+                           workers=workers, use_gpu=use_gpu, batch_size=batch_size, stall=stall, name="embed titles")
+    emb = np.zeros((len(missing), batches[0]["embedding"].shape[1]), dtype=np.float32)
+    for b in batches:
+        emb[np.asarray(b["title_idx"], dtype=np.int64)] = b["embedding"]
     return emb
 
 
-def rank_ray(ray, spec: dict, titles_ref, *, workers: int, use_gpu: bool, user_batch: int):
-    """``rank(histories, exclude, k)`` through a Ray Data pool of ``Ranker`` actors (row order kept)."""
-    from actors.rank import Ranker, actor_resources
+def rank_ray(ray, spec: dict, titles_ref, *, workers: int, use_gpu: bool, user_batch: int,
+             stall: tuple[float, float] = (120.0, 1800.0), ranker: type | None = None):
+    """``rank(histories, exclude, k)`` through a Ray Data pool of ``Ranker`` actors (row order kept;
+    ``ranker``: another class with Ranker's constructor, for tests)."""
+    from actors.rank import Ranker
 
     def rank(histories, exclude, k):
         tbl = pa.table({"row": np.arange(len(histories), dtype=np.int64),
                         "history": pa.array(histories, pa.list_(pa.int32())),
                         "exclude": pa.array(exclude, pa.list_(pa.int32()))})
         n_blocks = max(1, min(len(histories) // max(1, user_batch), 4 * workers))
-        ds = ray.data.from_arrow(_blocks(tbl, n_blocks)).map_batches(
-            Ranker, fn_constructor_kwargs={"backend": spec["backend"], "titles": titles_ref,
-                                           "options": spec["options"], "adapter": spec["adapter"], "k": k,
-                                           "use_gpu": use_gpu},
-            compute=ray.data.ActorPoolStrategy(size=workers), batch_size=user_batch, batch_format="numpy",
-            **actor_resources(use_gpu=use_gpu))
+        batches = pool_batches(ray.data.from_arrow(_blocks(tbl, n_blocks)), ranker or Ranker,
+                               {"backend": spec["backend"], "titles": titles_ref, "options": spec["options"],
+                                "adapter": spec["adapter"], "k": k, "use_gpu": use_gpu},
+                               workers=workers, use_gpu=use_gpu, batch_size=user_batch, stall=stall, name="rank")
         out = np.full((len(histories), k), -1, dtype=np.int64)
-        for r in ds.take_all():
-            out[int(r["row"])] = r["ranked"]
+        for b in batches:
+            out[np.asarray(b["row"], dtype=np.int64)] = b["ranked"]
         return out
 
     return rank
 
 
 def evaluate(cfg: EvalConfig, spec: dict, *, out: str | None = None, workers: int = 1, local: bool = False,
-             gpu: str = "auto") -> dict:
+             gpu: str = "auto", stall: tuple[float, float] = (120.0, 1800.0)) -> dict:
     """Run the evaluation end to end and write the metrics JSON and the per-user values.
 
     Args:
@@ -340,6 +371,7 @@ def evaluate(cfg: EvalConfig, spec: dict, *, out: str | None = None, workers: in
         workers: actors per Ray Data pool.
         local: run in this process without Ray.
         gpu: auto | yes | no.
+        stall: (warn, timeout) seconds of the model pools' stall watchdog (:func:`pool_batches`).
 
     Returns:
         The report written (metrics, counts, timings, backend, config) and ``path``.
@@ -374,10 +406,11 @@ def evaluate(cfg: EvalConfig, spec: dict, *, out: str | None = None, workers: in
         if missing:
             t = time.perf_counter()
             backend.store_title_embeddings(fill_title_cache_ray(ray, spec, titles_ref, missing, workers=workers,
-                                                                use_gpu=use_gpu))
+                                                                use_gpu=use_gpu, stall=stall))
             timings["title_embedding_s"] = time.perf_counter() - t
         model = None
-        rank = rank_ray(ray, spec, titles_ref, workers=workers, use_gpu=use_gpu, user_batch=cfg.user_batch)
+        rank = rank_ray(ray, spec, titles_ref, workers=workers, use_gpu=use_gpu, user_batch=cfg.user_batch,
+                        stall=stall)
     res = evaluate_backend(backend, model, split, ks=cfg.ks, max_users=cfg.max_users, seed=cfg.seed,
                            exclude_history=cfg.exclude_history, user_batch=cfg.user_batch, rank=rank)
     timings.update(res["timings"], total_s=time.perf_counter() - t0)
@@ -428,7 +461,8 @@ def run(args) -> int:
 
         ray.data.DataContext.get_current().enable_progress_bars = False
     rd.check({stage: h}, overwrite=args.overwrite)
-    rep = evaluate(cfg, spec, out=args.out, workers=args.workers, local=args.local, gpu=args.gpu)
+    rep = evaluate(cfg, spec, out=args.out, workers=args.workers, local=args.local, gpu=args.gpu,
+                   stall=(args.stall_warn_s, args.stall_timeout_s))
     rd.finish(stage, rep["timings"]["total_s"], users=rep["users"], backend=spec["backend"])
     extra = ""
     if rep.get("title_embedding_cache_hit") is not None:

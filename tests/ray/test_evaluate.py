@@ -125,6 +125,57 @@ def test_textrec_ray_pool_equals_local(ray_cluster, setup):
     np.testing.assert_array_equal(got["ray"][1], got["local"][1])
 
 
+class SlowRanker:
+    """actors.rank.Ranker whose every batch takes 8 s (imported lazily: workers import this module)."""
+
+    def __init__(self, **kw):
+        from actors.rank import Ranker
+
+        self.inner = Ranker(**kw)
+
+    def __call__(self, batch):
+        import time
+
+        time.sleep(8.0)
+        return self.inner(batch)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_rank_pool_outlives_ray_datas_guard_and_a_pool_that_cannot_start_stalls(ray_cluster, setup):
+    """A block ranked for longer than Ray Data's no-progress guard (30 min by default; 3 s here) is
+    not a stall while its actor beats: it failed a working evaluation (ExecutionTimeoutError). A pool
+    that cannot be placed (a GPU on a CPU cluster) still fails, as a StallError naming the knobs."""
+    import ray
+
+    from actors.shards import StallError
+    from engine.llm.bigrec.prompts import PROMPTS
+    from engine.llm.textrec import build_tiny_encoder
+    from engine.llm.textrec.backend import TextEncoderBackend
+    from jobs import evaluate
+
+    titles = read_items(setup["data"]).column("title").to_pylist()
+    enc = str(build_tiny_encoder(setup["root"] / "enc-slow", titles * 2 + [PROMPTS["games"].input_prefix] * 2))
+    TextEncoderBackend(titles, config={"model": enc, "init_lora_weights": False, "seed": 2}).build_model() \
+        .encoder.save_pretrained(str(setup["root"] / "text-adapter-slow"))
+    _, spec = evaluate.config_from_args(parse(["--backend", "textrec", "--textrec-model", enc, "--data",
+                                               str(setup["data"]), "--adapter", str(setup["root"] / "text-adapter-slow")]))
+    titles_ref = ray.put(titles)
+    hist, ex = [[1, 2, 3], [4, 5], [6]] * 2, [[]] * 6
+    ref = evaluate.rank_ray(ray, spec, titles_ref, workers=1, use_gpu=False, user_batch=6)(hist, ex, 5)
+    ctx = ray.data.DataContext.get_current()
+    before = ctx.execution_no_progress_timeout_s
+    ctx.execution_no_progress_timeout_s = 3.0
+    try:
+        got = evaluate.rank_ray(ray, spec, titles_ref, workers=1, use_gpu=False, user_batch=6, stall=(0, 30.0),
+                                ranker=SlowRanker)(hist, ex, 5)
+    finally:
+        ctx.execution_no_progress_timeout_s = before
+    np.testing.assert_array_equal(got, ref)
+    with pytest.raises(StallError, match=r"(?s)no batch scored .* --workers 1 / --gpu, --stall-timeout-s 3"):
+        evaluate.rank_ray(ray, spec, titles_ref, workers=1, use_gpu=True, user_batch=6, stall=(0, 3.0))(hist, ex, 5)
+
+
 def test_bad_arguments_reported_together(setup, tmp_path):
     from engine.errors import ConfigError
     from jobs import evaluate
