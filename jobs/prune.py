@@ -597,7 +597,6 @@ def run_prune(cfg: PruneJobConfig, *, log=print) -> dict:
             v_ref = ray.put(np.load(run.path("ihvp") / "v.npy", allow_pickle=False))
         n = n_samples
         pool = plan_stage_pool(ray, cfg, "influence", len(files))
-        log(f"[influence] pool: {pool.describe()}")
 
         def score_influence(todo, out_dir, delta=False):
             return score_shards_stage(
@@ -667,7 +666,7 @@ def run_prune(cfg: PruneJobConfig, *, log=print) -> dict:
 
         t0 = time.perf_counter()
         pool = plan_stage_pool(ray, cfg, "effort", len(files))
-        log(f"[effort] {cfg.backend} backend{' + llm_influence' if need_llm else ''}, pool: {pool.describe()}")
+        log(f"[effort] {cfg.backend} backend{' + llm_influence' if need_llm else ''}")
         options, info, titles_ref = llm_backend()
         kwargs: dict = {"micro_batch_size": cfg.scale.effort_micro_batch}
         if need_llm:
@@ -760,6 +759,7 @@ def score_shards_stage(ray, files, out_dir, scorer, *, constructor_args, constru
         return {"shards_total": st.shards_total, "shards_skipped": st.shards_skipped,
                 "shards_written": st.shards_written, "rows_written": st.rows_written,
                 "duplicate_rows_dropped": st.duplicate_rows_dropped, "where": "driver", "where_why": why}
+    log(f"[{name}] pool: {pool.describe()}")
     knobs = (f"--{name}-cpus {pool.cpus:g} / --{name}-actors / --{name}-max-actors"
              + (f" / --effort-gpus {pool.gpus:g}" if name == "effort" else "")
              + f", --stall-timeout-s {cfg.scale.stall_timeout_s:g}")
