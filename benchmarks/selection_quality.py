@@ -69,6 +69,7 @@ from engine.compare import ALIGN, FULL_DATA, LLM_INFLUENCE, REFERENCE, VALID_TAR
 from engine.config import stable_hash, versions  # noqa: E402
 from jobs.backend_args import TIGER_FLAGS, backend_argv, tiger_options  # noqa: E402
 from engine.errors import ConfigError, DealrecError, ResumeError, check  # noqa: E402
+from engine.rundir import atomic_write_bytes  # noqa: E402
 from engine.selection import METHODS, REQUIRED_SCORES, SelectionConfig, select  # noqa: E402
 
 #: rows that are dealrec on another influence term: a second prune run (folder, extra options) on
@@ -205,7 +206,11 @@ def prune(a, data: Path, out: Path) -> Path:
             continue
         run.mkdir(exist_ok=True)  # the same surrogate: its stage is done; v and influence are redone
         shutil.copytree(out / "prune" / "surrogate", run / "surrogate", dirs_exist_ok=True)
-        shutil.copy(out / "prune" / "manifest.json", run / "manifest.json")
+        # the manifest with the surrogate stage only: the other stages' outputs are not copied (a
+        # copied 'effort: done' sent the variant's selection to read effort shards it does not have)
+        man = json.loads((out / "prune" / "manifest.json").read_text())
+        man["stages"] = {"surrogate": man["stages"]["surrogate"]}
+        atomic_write_bytes(run / "manifest.json", json.dumps(man, indent=2).encode())
         job("prune", [*argv(run, "influence-only"), *extra, "--score-cache", out / "score-cache", "--overwrite"])
     return out / "prune"
 

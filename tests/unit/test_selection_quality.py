@@ -119,8 +119,7 @@ def test_variant_rows_get_their_influence_term_tested(tmp_path):
     assert sq.VARIANTS["dealrec-valid"] == ("prune-valid", ["--influence-target", "valid"])
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(1800)
+@pytest.mark.timeout(1800)  # ~1 min: in the default suite (as a slow test it missed a broken variant run)
 def test_dry_run_tiny_end_to_end_and_resume(tmp_path):
     out = tmp_path / "sq"
     argv = ["--dry-run-tiny", "--out", str(out), "--methods", "random", "dealrec", "dealrec-align", "dealrec-valid",
