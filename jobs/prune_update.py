@@ -426,8 +426,9 @@ def score_missing(files: Sequence[Path], parts: Sequence[dict[str, np.ndarray]],
                   columns: Sequence[str], score: Callable[..., dict], *, record: dict,
                   save: Callable[[], None], log: Callable[[str], None] = print, name: str = "effort") -> dict:
     """Score, through ``score(todo_files, delta=...)`` (the shard runner into ``out_dir``; ``delta``:
-    the store held some rows, so the todo is a delta), only the rows whose key ``store`` lacks; then write ``out_dir/<stem>.parquet`` (sample_id + ``columns``) for every
-    file, every value read back from ``store`` (so reused values are bit for bit the stored ones).
+    the store held some rows, so the todo is a delta), only the rows whose key ``store`` lacks;
+    then write ``out_dir/<stem>.parquet`` (sample_id + ``columns``) for every file, every value
+    read back from ``store`` (so reused values are bit for bit the stored ones).
 
     ``store``: ``lookup(keys) -> ({col: values}, found)`` and ``add(keys, {col: values})``
     (a :class:`~engine.score_cache.ScoreCache` or a :class:`~engine.daily.KeyIndex`).
@@ -491,8 +492,8 @@ def score_missing(files: Sequence[Path], parts: Sequence[dict[str, np.ndarray]],
         f"{'score cache' if hasattr(store, 'dir') else 'reused scores'}; scoring the rest "
         f"({len(todo) - len(complete)} shard(s) to score, {len(complete)} done before)")
     # a delta when the store held rows at the first invocation (jobs/prune.inline_reason)
-    st = score(todo, delta=record["lookup"]["hits"] > 0) if todo else {"shards_total": 0, "shards_skipped": 0, "shards_written": 0, "rows_written": 0,
-                                   "duplicate_rows_dropped": 0}
+    st = score(todo, delta=record["lookup"]["hits"] > 0) if todo else {
+        "shards_total": 0, "shards_skipped": 0, "shards_written": 0, "rows_written": 0, "duplicate_rows_dropped": 0}
     # 4. scored rows into the store; every shard written whole from it
     for f, part in zip(files, parts):
         stem = Path(f).stem
