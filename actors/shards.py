@@ -67,6 +67,7 @@ class Beating:
 
     def __init__(self, inner_cls: type, args: tuple, kwargs: dict, heartbeat=None, beat_s: float = 0.0):
         self._busy = 1  # constructing (model loading) counts as work
+        self._heartbeat = heartbeat
         if heartbeat is not None and beat_s > 0:
             threading.Thread(target=self._beat, args=(heartbeat, beat_s), daemon=True,
                              name="dealrec-heartbeat").start()
@@ -87,10 +88,17 @@ class Beating:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self._busy += 1
+        n = len(next(iter(batch.values()), ()))
         try:
-            return self._call(batch)
+            out = self._call(batch)
         finally:
             self._busy -= 1
+        if self._heartbeat is not None:  # rows done, for progress inside a shard (one block)
+            try:
+                self._heartbeat.scored.remote(n)
+            except Exception:  # the driver is gone: nothing to tell
+                pass
+        return out
 
     def _call(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.inner(batch)
@@ -135,7 +143,8 @@ def heartbeat_actor(stall_warn_s: float, stall_timeout_s: float):
 
 
 def watched_batches(ds, *, heartbeat, stall_warn_s: float, stall_timeout_s: float, knobs: str = "",
-                    name: str = "scores", progress: Callable[[str], None] = print):
+                    name: str = "scores", progress: Callable[[str], None] = print, total: int | None = None,
+                    progress_s: float = 60.0):
     """The output batches of ``ds`` (numpy, as produced), under the heartbeat watchdog of
     :func:`_watched` instead of Ray Data's own no-progress guard.
 
@@ -145,7 +154,8 @@ def watched_batches(ds, *, heartbeat, stall_warn_s: float, stall_timeout_s: floa
     later of the last batch and the last beat of a busy actor."""
     ds.context.execution_no_progress_timeout_s = -1
     return _watched(ds.iter_batches(batch_format="numpy", batch_size=None), warn_s=stall_warn_s,
-                    timeout_s=stall_timeout_s, knobs=knobs, name=name, progress=progress, heartbeat=heartbeat)
+                    timeout_s=stall_timeout_s, knobs=knobs, name=name, progress=progress, heartbeat=heartbeat,
+                    total=total, progress_s=progress_s)
 
 
 class _Heartbeat:
@@ -153,9 +163,18 @@ class _Heartbeat:
 
     def __init__(self):
         self.last = None
+        self.rows = 0
 
     def beat(self) -> None:
         self.last = time.monotonic()
+
+    def scored(self, n: int) -> None:
+        self.rows += int(n)
+        self.last = time.monotonic()
+
+    def rows_scored(self) -> int:
+        """Rows the pool's actors have returned so far (re-delivered rows counted again)."""
+        return self.rows
 
     def age(self) -> float | None:
         """Seconds since the last beat on this actor's clock (None: never)."""
@@ -237,6 +256,7 @@ def score_shards(
     stall_knobs: str = "",
     progress: Callable[[str], None] = print,
     name: str = "scores",
+    progress_s: float = 60.0,
 ) -> ShardRunStats:
     """Score every input shard that has no finished output; return what was done.
 
@@ -262,6 +282,7 @@ def score_shards(
             unlimited). Task retries default to unlimited, Ray Data's own default for
             pools: until the cluster declares a crashed node dead, every resubmitted batch
             spends a retry, so a small finite limit fails runs that would recover.
+        progress_s: while no shard comes back, log the rows scored so far this often (0 = never).
 
     Raises:
         DealrecError: a shard's scored ids differ from its input ids.
@@ -309,7 +330,8 @@ def score_shards(
         norm = {os.path.normpath(f).lstrip("/"): f for f in todo}
         # one shard is one block: Ray Data's no-progress guard is off, the heartbeat watchdog is on
         batches = watched_batches(ds, heartbeat=heartbeat, stall_warn_s=stall_warn_s, stall_timeout_s=stall_timeout_s,
-                                  knobs=stall_knobs, name=name, progress=progress)
+                                  knobs=stall_knobs, name=name, progress=progress, total=total_rows,
+                                  progress_s=progress_s)
         for batch in batches:
             paths = batch[PATH_COLUMN]
             for p in np.unique(paths):
@@ -403,6 +425,13 @@ def score_shards_inline(
     return ShardRunStats(len(files), skipped, written, rows_written, dropped, wall)
 
 
+def _rows_scored(heartbeat) -> int:
+    try:
+        return int(ray.get(heartbeat.rows_scored.remote(), timeout=10))
+    except Exception:  # the beat actor is unreachable: no count
+        return 0
+
+
 def _beat_age(heartbeat) -> float | None:
     """Seconds since any actor of the pool last said it was working (None: never or unknown)."""
     if heartbeat is None:
@@ -414,7 +443,7 @@ def _beat_age(heartbeat) -> float | None:
 
 
 def _watched(it, *, warn_s: float, timeout_s: float, knobs: str, name: str, progress: Callable[[str], None],
-             heartbeat=None):
+             heartbeat=None, total: int | None = None, progress_s: float = 60.0):
     """Yield from ``it`` (consumed in a thread) and watch for stalls.
 
     A Ray Data stream that cannot schedule its tasks blocks ``next()`` forever without a
@@ -422,6 +451,10 @@ def _watched(it, *, warn_s: float, timeout_s: float, knobs: str, name: str, prog
     after ``warn_s`` without a batch, and fails after ``timeout_s``. On failure the
     consuming thread is left to end with the driver (Ray Data offers no way to cancel a
     stream from another thread); the job process exits on the error.
+
+    While no block comes back (one shard is one block: an 8,000-sample shard of a slow LLM is
+    silent for an hour otherwise), the rows the actors have scored so far are logged every
+    ``progress_s`` seconds, from the heartbeat actor's count (0 = never).
     """
     if not warn_s and not timeout_s:
         yield from it
@@ -438,13 +471,21 @@ def _watched(it, *, warn_s: float, timeout_s: float, knobs: str, name: str, prog
             q.put((e, None))
 
     threading.Thread(target=pump, name=f"dealrec-{name}-stream", daemon=True).start()
-    last = last_warn = time.monotonic()
-    poll = max(0.5, min(5.0, *(t / 4 for t in (warn_s, timeout_s) if t)))
+    last = last_warn = last_progress = time.monotonic()
+    poll = max(0.5, min(5.0, *(t / 4 for t in (warn_s, timeout_s, progress_s) if t)))
+    rows_seen = 0
     while True:
         try:
             err, b = q.get(timeout=poll)
         except queue.Empty:
             now = time.monotonic()
+            if heartbeat is not None and progress_s and now - last_progress >= progress_s:
+                last_progress = now
+                rows = _rows_scored(heartbeat)
+                if rows and rows != rows_seen:
+                    rows_seen = rows
+                    progress(f"[{name}] {rows}{f'/{total}' if total else ''} samples scored by the actors so far "
+                             "(counted per batch; a shard is written once all its rows are back)")
             idle = now - last
             first = min(t for t in (warn_s, timeout_s) if t)
             if idle < first:

@@ -298,7 +298,8 @@ def _blocks(tbl: pa.Table, n: int) -> list[pa.Table]:
 
 
 def pool_batches(ds, cls, kwargs: dict, *, workers: int, use_gpu: bool, batch_size: int,
-                 stall: tuple[float, float] = (120.0, 1800.0), name: str = "evaluate") -> list[dict]:
+                 stall: tuple[float, float] = (120.0, 1800.0), name: str = "evaluate",
+                 total: int | None = None) -> list[dict]:
     """The output batches of ``ds`` mapped by a pool of ``workers`` ``cls`` actors.
 
     Under the heartbeat watchdog of the shard runner (actors.shards.watched_batches), not Ray
@@ -317,7 +318,7 @@ def pool_batches(ds, cls, kwargs: dict, *, workers: int, use_gpu: bool, batch_si
                                 batch_format="numpy", **actor_resources(use_gpu=use_gpu))
         return list(watched_batches(mapped, heartbeat=heartbeat, stall_warn_s=warn, stall_timeout_s=timeout,
                                     knobs=f"--workers {workers} / --gpu, --stall-timeout-s {timeout:g}", name=name,
-                                    progress=print))
+                                    progress=print, total=total))
 
 
 def fill_title_cache_ray(ray, spec: dict, titles_ref, missing: list[str], *, workers: int, use_gpu: bool,
@@ -330,7 +331,8 @@ def fill_title_cache_ray(ray, spec: dict, titles_ref, missing: list[str], *, wor
     batches = pool_batches(ray.data.from_arrow(_blocks(tbl, n_blocks)), TitleEmbedder,
                            {"backend": spec["backend"], "titles": titles_ref, "options": spec["options"],
                             "use_gpu": use_gpu},
-                           workers=workers, use_gpu=use_gpu, batch_size=batch_size, stall=stall, name="embed titles")
+                           workers=workers, use_gpu=use_gpu, batch_size=batch_size, stall=stall, name="embed titles",
+                           total=len(missing))
     emb = np.zeros((len(missing), batches[0]["embedding"].shape[1]), dtype=np.float32)
     for b in batches:
         emb[np.asarray(b["title_idx"], dtype=np.int64)] = b["embedding"]
@@ -351,7 +353,8 @@ def rank_ray(ray, spec: dict, titles_ref, *, workers: int, use_gpu: bool, user_b
         batches = pool_batches(ray.data.from_arrow(_blocks(tbl, n_blocks)), ranker or Ranker,
                                {"backend": spec["backend"], "titles": titles_ref, "options": spec["options"],
                                 "adapter": spec["adapter"], "k": k, "use_gpu": use_gpu},
-                               workers=workers, use_gpu=use_gpu, batch_size=user_batch, stall=stall, name="rank")
+                               workers=workers, use_gpu=use_gpu, batch_size=user_batch, stall=stall, name="rank",
+                               total=len(histories))
         out = np.full((len(histories), k), -1, dtype=np.int64)
         for b in batches:
             out[np.asarray(b["row"], dtype=np.int64)] = b["ranked"]

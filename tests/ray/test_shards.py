@@ -139,6 +139,32 @@ def test_slow_live_batches_are_not_stalls(ray_cluster, sharded, tmp_path):
     np.testing.assert_allclose(read_shards(files, tmp_path).column("score").to_numpy(), expected(hist, 0.0)[:74])
 
 
+class SecondPerBatchScorer(ReversingScorer):
+    def __call__(self, batch):
+        import time
+
+        time.sleep(1.0)
+        return super().__call__(batch)
+
+
+def test_progress_inside_one_shard(ray_cluster, sharded, tmp_path):
+    """One shard is one block: nothing comes back until all its rows are scored. The rows the
+    actors have scored so far are logged meanwhile (from the heartbeat actor's per-batch count)."""
+    import re
+
+    from actors.shards import score_shards
+
+    root, _ = sharded
+    files = sample_files(root)[:1]  # 37 rows, 8 batches of 5, ~1 s each
+    msgs = []
+    st = score_shards(files, tmp_path, SecondPerBatchScorer, constructor_args=(0.0,),
+                      output_columns=("sample_id", "score"), batch_size=5, num_actors=1, num_cpus=0.5,
+                      stall_warn_s=0, stall_timeout_s=60.0, progress=msgs.append, progress_s=2.0)
+    assert st.rows_written == 37
+    counts = [int(m.group(1)) for m in (re.search(r"\] (\d+)/37 samples scored by the actors", x) for x in msgs) if m]
+    assert counts and counts == sorted(counts) and 0 < counts[0] < 37, msgs
+
+
 def test_a_shard_slower_than_ray_datas_no_progress_guard_still_finishes(ray_cluster, sharded, tmp_path):
     """One shard is one Ray Data block: a shard that takes longer than Ray Data's no-progress guard
     (DataContext.execution_no_progress_timeout_s, 30 min by default; 3 s here) moved no block in
