@@ -100,3 +100,36 @@ def _reap(procs: list, grace_s: float = 10.0) -> None:
         except psutil.Error:  # gone meanwhile
             pass
     psutil.wait_procs(alive, timeout=grace_s)
+
+
+# --- process exit -------------------------------------------------------------------------
+# CI (a clean clone, 609 tests passed) failed with exit 1 some 60 s after pytest's summary:
+# "rpc_client.h: Failed to connect to GCS within 60 seconds ... The program will terminate".
+# A Ray client inside this process (a stream thread left running by a stall test, or a
+# GcsClient held by a library global) outlived the session's Ray instance, kept the interpreter
+# from finishing, and Ray's reconnect timeout then ended the process with status 1, after
+# every test had passed. So once pytest has its final status, a process that imported Ray ends
+# with exactly that status, without interpreter finalisation: a failing run still exits
+# non-zero, a passing one no longer depends on what Ray's threads do at exit. The threads
+# still alive are named on stderr, for diagnosis.
+_EXIT_STATUS: list[int] = []
+
+
+def pytest_sessionfinish(session, exitstatus):
+    _EXIT_STATUS.append(int(exitstatus))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    import sys
+    import threading
+
+    if "ray" not in sys.modules or not _EXIT_STATUS:
+        return
+    alive = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
+    if alive:
+        print(f"\n[conftest] threads alive at exit (ending the process with pytest's status "
+              f"{_EXIT_STATUS[-1]}): {', '.join(sorted(alive))}", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(_EXIT_STATUS[-1])
