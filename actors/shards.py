@@ -33,6 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
+from engine.config import STALL_TIMEOUT_S, STALL_WARN_S
 from engine.errors import DealrecError
 
 log = logging.getLogger("dealrec.shards")
@@ -251,8 +252,8 @@ def score_shards(
     max_task_retries: int = -1,
     min_actors: int = 1,
     max_actors: int | None = None,
-    stall_warn_s: float = 120.0,
-    stall_timeout_s: float = 1800.0,
+    stall_warn_s: float = STALL_WARN_S,
+    stall_timeout_s: float = STALL_TIMEOUT_S,
     stall_knobs: str = "",
     progress: Callable[[str], None] = print,
     name: str = "scores",

@@ -13,6 +13,22 @@ from typing import Any
 
 from engine.errors import ConfigError
 
+# The stall watchdog of every actor pool (prune's scoring stages, evaluate's model pools): a
+# stage with no batch scored and no actor working for STALL_WARN_S seconds logs the cluster's
+# pending demands; after STALL_TIMEOUT_S it fails with a clear error (actor start-up, i.e. model
+# loading, counts). 0 turns either off. One place, so that the jobs and their help agree.
+STALL_WARN_S = 120.0
+STALL_TIMEOUT_S = 1800.0
+STALL = (STALL_WARN_S, STALL_TIMEOUT_S)
+
+
+def stall_ok(seconds: Any) -> bool:
+    """A stall setting is a number >= 0 (0 = off); NaN and negatives are not."""
+    try:
+        return float(seconds) >= 0
+    except (TypeError, ValueError):
+        return False
+
 
 def to_dict(cfg: Any) -> dict:
     """A JSON-able dict of a (possibly nested) config dataclass."""

@@ -63,7 +63,8 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from engine.config import collect_problems, raise_if, stable_hash, versions
+from engine.config import (STALL, STALL_TIMEOUT_S, STALL_WARN_S, collect_problems, raise_if, stable_hash, stall_ok,
+                           versions)
 from engine.data.schema import read_items, read_split
 from engine.evaluate import EvalConfig, evaluate_backend
 from engine.llm import get_backend
@@ -118,10 +119,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace metrics at --out that another config (or another adapter) wrote")
     parser.add_argument("--address", default=None, help="Ray address")
-    parser.add_argument("--stall-warn-s", type=float, default=120.0,
+    parser.add_argument("--stall-warn-s", type=float, default=STALL_WARN_S,
                         help="a model pool with no batch ranked and no actor working for this many seconds logs the "
                              "cluster's pending resource demands (0 = never)")
-    parser.add_argument("--stall-timeout-s", type=float, default=1800.0,
+    parser.add_argument("--stall-timeout-s", type=float, default=STALL_TIMEOUT_S,
                         help="... and fails with a clear error after this many seconds (0 = wait forever); a slow "
                              "batch of a working actor is not a stall")
 
@@ -238,7 +239,7 @@ def config_from_args(args) -> tuple[EvalConfig, dict]:
         problems.append(f"--workers {args.workers} must be >= 1")
     for name in ("stall_warn_s", "stall_timeout_s"):
         v = getattr(args, name, 0.0)
-        if not v >= 0:
+        if not stall_ok(v):
             problems.append(f"--{name.replace('_', '-')} {v!r} must be >= 0 (0 = off)")
     if "evaluate" in built:  # the metrics file (and per-user values beside it) is checked before evaluating
         why = writable_problem(metrics_path(built["evaluate"], args.out, adapter=args.adapter, backend=args.backend),
@@ -298,7 +299,7 @@ def _blocks(tbl: pa.Table, n: int) -> list[pa.Table]:
 
 
 def pool_batches(ds, cls, kwargs: dict, *, workers: int, use_gpu: bool, batch_size: int,
-                 stall: tuple[float, float] = (120.0, 1800.0), name: str = "evaluate",
+                 stall: tuple[float, float] = STALL, name: str = "evaluate",
                  total: int | None = None) -> list[dict]:
     """The output batches of ``ds`` mapped by a pool of ``workers`` ``cls`` actors.
 
@@ -322,7 +323,7 @@ def pool_batches(ds, cls, kwargs: dict, *, workers: int, use_gpu: bool, batch_si
 
 
 def fill_title_cache_ray(ray, spec: dict, titles_ref, missing: list[str], *, workers: int, use_gpu: bool,
-                         batch_size: int = 32, stall: tuple[float, float] = (120.0, 1800.0)) -> np.ndarray:
+                         batch_size: int = 32, stall: tuple[float, float] = STALL) -> np.ndarray:
     """Embeddings of the ``missing`` titles through a Ray Data ``TitleEmbedder`` pool (index order)."""
     from actors.rank import TitleEmbedder
 
@@ -340,7 +341,7 @@ def fill_title_cache_ray(ray, spec: dict, titles_ref, missing: list[str], *, wor
 
 
 def rank_ray(ray, spec: dict, titles_ref, *, workers: int, use_gpu: bool, user_batch: int,
-             stall: tuple[float, float] = (120.0, 1800.0), ranker: type | None = None):
+             stall: tuple[float, float] = STALL, ranker: type | None = None):
     """``rank(histories, exclude, k)`` through a Ray Data pool of ``Ranker`` actors (row order kept;
     ``ranker``: another class with Ranker's constructor, for tests)."""
     from actors.rank import Ranker
@@ -364,7 +365,7 @@ def rank_ray(ray, spec: dict, titles_ref, *, workers: int, use_gpu: bool, user_b
 
 
 def evaluate(cfg: EvalConfig, spec: dict, *, out: str | None = None, workers: int = 1, local: bool = False,
-             gpu: str = "auto", stall: tuple[float, float] = (120.0, 1800.0)) -> dict:
+             gpu: str = "auto", stall: tuple[float, float] = STALL) -> dict:
     """Run the evaluation end to end and write the metrics JSON and the per-user values.
 
     Args:

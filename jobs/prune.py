@@ -61,7 +61,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from engine.config import collect_problems, raise_if, stable_hash, to_dict, versions
+from engine.config import (STALL_TIMEOUT_S, STALL_WARN_S, collect_problems, raise_if, stable_hash, stall_ok, to_dict,
+                           versions)
 from engine.data.schema import (
     SAMPLES_SCHEMA,
     check_samples,
@@ -135,8 +136,8 @@ class ScaleConfig:
     effort_micro_batch: int = field(default=16, metadata={"help": "samples per forward/backward inside an actor"})
     influence_max_actors: int = field(default=0, metadata={"help": "upper bound of the autoscaling surrogate pool (0 = auto: grows into nodes that join, up to one actor per shard)"})
     effort_max_actors: int = field(default=0, metadata={"help": "upper bound of the autoscaling LLM pool (0 = auto, as --influence-max-actors)"})
-    stall_warn_s: float = field(default=120.0, metadata={"help": "a scoring stage with no batch scored for this many seconds logs the cluster's pending resource demands (0 = never)"})
-    stall_timeout_s: float = field(default=1800.0, metadata={"help": "... and fails with a clear error after this many seconds (0 = wait forever); counts actor start-up (model loading) too"})
+    stall_warn_s: float = field(default=STALL_WARN_S, metadata={"help": "a scoring stage with no batch scored for this many seconds logs the cluster's pending resource demands (0 = never)"})
+    stall_timeout_s: float = field(default=STALL_TIMEOUT_S, metadata={"help": "... and fails with a clear error after this many seconds (0 = wait forever); counts actor start-up (model loading) too"})
     address: str = field(default="", metadata={"help": "Ray address (default: RAY_ADDRESS, else the cluster of the last `ray start` if it answers, else a local instance)"})
     max_restarts: int = field(default=3, metadata={"help": "actor restarts allowed (node loss)"})
     max_task_retries: int = field(default=-1, metadata={"help": "task retries allowed (node loss; -1 = unlimited, Ray Data's default)"})
@@ -154,7 +155,7 @@ class ScaleConfig:
         for name in ("influence_cpus", "effort_cpus"):
             check(p, float(getattr(self, name)) > 0, f"{name} must be > 0, got {getattr(self, name)!r}")
         for name in ("stall_warn_s", "stall_timeout_s"):
-            check(p, float(getattr(self, name)) >= 0, f"{name} must be >= 0 (0 = off), got {getattr(self, name)!r}")
+            check(p, stall_ok(getattr(self, name)), f"{name} must be >= 0 (0 = off), got {getattr(self, name)!r}")
         check(p, isinstance(self.influence_compile, bool),
               f"influence_compile must be true or false, got {self.influence_compile!r}")
         raise_if(p, config="ScaleConfig")
