@@ -105,13 +105,14 @@ def _reap(procs: list, grace_s: float = 10.0) -> None:
 # --- process exit -------------------------------------------------------------------------
 # CI (a clean clone, 609 tests passed) failed with exit 1 some 60 s after pytest's summary:
 # "rpc_client.h: Failed to connect to GCS within 60 seconds ... The program will terminate".
-# A Ray client inside this process (a stream thread left running by a stall test, or a
-# GcsClient held by a library global) outlived the session's Ray instance, kept the interpreter
-# from finishing, and Ray's reconnect timeout then ended the process with status 1, after
-# every test had passed. So once pytest has its final status, a process that imported Ray ends
-# with exactly that status, without interpreter finalisation: a failing run still exits
-# non-zero, a passing one no longer depends on what Ray's threads do at exit. The threads
-# still alive are named on stderr, for diagnosis.
+# Probably a Ray client inside this process outlived the session's Ray instance and held the
+# interpreter at exit (not reproduced here, so which one is unconfirmed: a stream thread left
+# running by a stall test, a GcsClient held by a library global, or an atexit handler such as
+# Ray Tune's registry clean-up, which talks to the GCS), and Ray's reconnect timeout then ended
+# the process with status 1, after every test had passed. So once pytest has its final status,
+# a process that imported Ray ends with exactly that status, without interpreter finalisation
+# or atexit handlers: a failing run still exits non-zero, a passing one no longer depends on
+# what Ray does at exit. The threads still alive are named on stderr, for diagnosis.
 _EXIT_STATUS: list[int] = []
 
 
